@@ -1,0 +1,35 @@
+# World Models for CarRacing-v3: every target creates .venv and installs requirements.txt first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= /tmp/wm-smoke
+DATA_DIR ?= data
+CKPT_DIR ?= checkpoints
+LOG_DIR ?= runs
+BACKEND ?= gymnasium
+
+.PHONY: venv test train smoke bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+# The default pipeline, resumable: re-running continues where a killed run stopped.
+train: venv
+	$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes 200 --workers 2 --env-backend $(BACKEND)
+	$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs 3
+
+# The whole pipeline with tiny settings, writing RUN_DIR/{data,checkpoints,runs}.
+smoke: venv
+	$(PY) collect_data.py --data-dir $(RUN_DIR)/data --episodes 3 --max-steps 100 --workers 2
+	$(PY) train_vae.py --data-dir $(RUN_DIR)/data --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
+		--epochs 1 --batch-size 32 --val-frames 64
+
+bench: venv
+	$(PY) benchmarks/bench.py

@@ -1,0 +1,60 @@
+"""Collect CarRacing episodes to disk, one compressed .npz per episode.
+
+Reads:  nothing (the `random` policy) or, with the controllers, a checkpoint dir (`agent`).
+Writes: DATA_DIR/rollouts/<policy>/ep_<track seed>.npz (the episode contract in DESIGN.md).
+
+Track seeds are SEED, SEED+1, ..., SEED+EPISODES-1, so re-running the same command skips the
+episodes already on disk and collects only the missing ones; a killed run leaves no half file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from utils import UserError, list_episodes, run_main
+from utils_rl import collect_episodes
+
+
+@dataclass
+class Args:
+    data_dir: Path = Path("data")
+    """where episodes go (under DATA_DIR/rollouts/<policy>/)"""
+    episodes: int = 200
+    """how many episodes (track seeds SEED .. SEED+EPISODES-1)"""
+    max_steps: int = 1000
+    """steps per episode at most (CarRacing's own limit is 1000)"""
+    workers: int = 2
+    """parallel worker processes"""
+    seed: int = 0
+    """first track seed; keep collection seeds apart from evaluation seeds (evaluate.py starts at 1000000)"""
+    policy: Literal["random"] = "random"
+    """random: smooth Brownian steering/gas/brake"""
+    env_backend: str = "gymnasium"
+    """gymnasium (reference) or envpool (faster approximate clone: pip install envpool==1.2.5)"""
+
+
+def main(args: Args) -> None:
+    if args.episodes < 1 or args.max_steps < 1 or args.workers < 1:
+        raise UserError("--episodes, --max-steps and --workers must be at least 1")
+    start = time.perf_counter()
+    seeds = range(args.seed, args.seed + args.episodes)
+    summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, args.policy)
+    elapsed = time.perf_counter() - start
+    total = len(list_episodes(args.data_dir, [args.policy]))
+    if not summaries:
+        print(f"all {args.episodes} episodes already in {args.data_dir}/rollouts/{args.policy} ({total} there)")
+        return
+    steps = sum(s["steps"] for s in summaries)
+    returns = [s["return"] for s in summaries]
+    print(f"collected {len(summaries)} episodes, {steps} steps in {elapsed:.1f}s ({steps / elapsed:.0f} steps/s), "
+          f"return {np.mean(returns):.1f} ± {np.std(returns):.1f}; {total} episodes in "
+          f"{args.data_dir}/rollouts/{args.policy}")
+
+
+if __name__ == "__main__":
+    run_main(main, Args, description=__doc__)

@@ -1,0 +1,87 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_script
+from utils import UserError, is_complete_npz, list_episodes, load_episode
+from utils_rl import BrownianPolicy, collect_episodes, make_env
+
+
+def test_collect_two_short_episodes_then_rerun_skips_them(tmp_path):
+    summaries = collect_episodes(tmp_path, track_seeds=[7, 8], max_steps=30, workers=2, progress=False)
+    assert sorted(s["seed"] for s in summaries) == [7, 8]
+    paths = list_episodes(tmp_path)
+    assert [p.name for p in paths] == ["ep_0000007.npz", "ep_0000008.npz"]
+    for path in paths:
+        episode = load_episode(path)
+        assert episode["obs"].shape == (30, 64, 64, 3) and episode["obs"].dtype == np.uint8
+        assert episode["action"].shape == (30, 3) and episode["truncated"][-1]
+        assert -1 <= episode["action"][:, 0].min() and episode["action"][:, 1:].min() >= 0
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert collect_episodes(tmp_path, track_seeds=[7, 8], max_steps=30, workers=2, progress=False) == []
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+
+
+def test_same_seed_gives_the_same_episode(tmp_path):
+    collect_episodes(tmp_path / "a", [3], max_steps=20, workers=1, progress=False)
+    collect_episodes(tmp_path / "b", [3], max_steps=20, workers=1, progress=False)
+    a, b = (load_episode(list_episodes(tmp_path / d)[0]) for d in "ab")
+    np.testing.assert_array_equal(a["obs"], b["obs"])
+    np.testing.assert_array_equal(a["action"], b["action"])
+
+
+def test_brownian_policy_is_smooth_and_bounded():
+    policy = BrownianPolicy()
+    policy.reset(0)
+    actions = np.stack([policy(None) for _ in range(2000)])
+    assert actions[:, 0].min() >= -1 and actions[:, 0].max() <= 1 and actions[:, 1:].min() >= 0
+    steer = actions[:, 0]
+    assert np.abs(np.diff(steer)).mean() < 0.25 * np.abs(steer - steer.mean()).mean() + 0.2  # drifts, not jitter
+    assert steer.std() > 0.2 and (steer > 0.3).any() and (steer < -0.3).any()  # turns both ways
+    assert actions[:, 1].mean() > 0.3 and (actions[:, 2] > 0).mean() < 0.3  # mostly drives, brakes in pulses
+
+
+def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
+    with pytest.raises(UserError, match="choose one of gymnasium, envpool"):
+        make_env("nope")
+    monkeypatch.setitem(sys.modules, "envpool", None)  # as if not installed
+    with pytest.raises(UserError, match="pip install envpool"):
+        make_env("envpool")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["collect_data.py", "--env-backend", "nope", "--episodes", "1"], "unknown env backend 'nope'"),
+    (["collect_data.py", "--episodes", "0"], "at least 1"),
+    (["train_vae.py", "--data-dir", "{tmp}/empty", "--no-collect"], "no episodes in"),
+    (["train_vae.py", "--data-dir", "{tmp}", "--device", "cuda"], "no CUDA"),
+])
+def test_user_errors_print_one_line_and_exit_nonzero(tmp_path, args, message):
+    result = run_script(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_killed_collection_leaves_no_half_file_and_resumes(tmp_path):
+    command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "4",
+               "--max-steps", "150", "--workers", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 60
+    while not list_episodes(tmp_path) and time.time() < deadline:  # kill once the first file landed
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first = list_episodes(tmp_path)
+    assert 1 <= len(first) < 4 and all(is_complete_npz(p) for p in first)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"collected {4 - len(first)} episodes" in result.stdout
+    paths = list_episodes(tmp_path)
+    assert len(paths) == 4 and all(load_episode(p) is not None for p in paths)
+    assert not list((tmp_path / "rollouts" / "random").glob(".*")), "stale temporary files are cleaned"

@@ -1,0 +1,98 @@
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_episode
+from utils import (FrameStream, UserError, checkpoint_identity, episode_path, is_complete_npz, list_episodes,
+                   load_checkpoint, load_episode, preprocess_frame, save_checkpoint, save_episode, split_episodes)
+
+
+def test_preprocess_shape_and_dtype():
+    frame = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    small = preprocess_frame(frame)
+    assert small.shape == (64, 64, 3) and small.dtype == np.uint8
+    # area averaging: a constant frame stays constant
+    assert (preprocess_frame(np.full((96, 96, 3), 77, np.uint8)) == 77).all()
+    with pytest.raises(ValueError):
+        preprocess_frame(np.zeros((96, 96), np.uint8))
+
+
+def test_episode_round_trip(tmp_path):
+    episode = make_episode(steps=15, seed=3)
+    path = episode_path(tmp_path, "random", 3)
+    save_episode(path, episode)
+    assert path.name == "ep_0000003.npz" and is_complete_npz(path)
+    assert not list(path.parent.glob(".*tmp*")), "no temporary file may remain"
+    loaded = load_episode(path)
+    for key in ("obs", "action", "reward", "terminated", "truncated"):
+        np.testing.assert_array_equal(loaded[key], episode[key])
+        assert loaded[key].dtype == np.asarray(episode[key]).dtype or key == "action"
+    assert int(loaded["seed"]) == 3
+    assert list_episodes(tmp_path) == [path]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape", "missing_key"])
+def test_bad_episode_file_is_skipped_with_one_warning(tmp_path, damage):
+    good = episode_path(tmp_path, "random", 0)
+    bad = episode_path(tmp_path, "random", 1)
+    save_episode(good, make_episode(10, 0))
+    if damage == "truncate":
+        save_episode(bad, make_episode(10, 1))
+        bad.write_bytes(bad.read_bytes()[:3000])
+    elif damage == "garbage":
+        bad.write_bytes(b"not a zip at all")
+    elif damage == "wrong_shape":
+        episode = make_episode(10, 1)
+        np.savez(bad, **{**episode, "obs": np.zeros((10, 32, 32, 3), np.uint8)})
+    else:
+        episode = make_episode(10, 1)
+        del episode["obs"]
+        np.savez(bad, **episode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_episode(bad) is None
+        batches = list(FrameStream(list_episodes(tmp_path), batch_size=5))
+    assert len(caught) == 2 and all(str(bad) in str(w.message) for w in caught)  # one per read, naming the file
+    assert sum(len(b) for b in batches) == 10  # the good episode still streams
+    assert load_episode(good) is not None
+
+
+def test_frame_stream_covers_every_frame_once(tmp_path):
+    paths = []
+    for seed in range(5):
+        episode = make_episode(7, seed)
+        episode["obs"][:] = seed  # tag frames by episode
+        paths.append(episode_path(tmp_path, "random", seed))
+        save_episode(paths[-1], episode)
+    batches = list(FrameStream(paths, batch_size=4, buffer_episodes=2, drop_last=False))
+    assert all(b.dtype == np.uint8 and b.shape[1:] == (64, 64, 3) for b in batches)
+    tags = np.concatenate([b[:, 0, 0, 0] for b in batches])
+    assert sorted(tags.tolist()) == sorted([s for s in range(5) for _ in range(7)])
+    assert all(len(b) == 4 for b in list(FrameStream(paths, batch_size=4))), "drop_last gives full batches"
+
+
+def test_split_is_by_episode_and_stable(tmp_path):
+    paths = [Path(f"/x/ep_{i:07d}.npz") for i in range(200)]
+    train, val = split_episodes(paths, val_percent=5)
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(paths)
+    assert 3 <= len(val) <= 20
+    train_more, val_more = split_episodes(paths + [Path("/x/ep_0000999.npz")], val_percent=5)
+    assert set(val) <= set(val_more), "adding data never moves an episode between splits"
+    assert split_episodes(paths[:2], 5)[1], "tiny sets still hold one episode out"
+
+
+def test_checkpoint_round_trip_and_damage(tmp_path):
+    path = tmp_path / "model.pt"
+    checkpoint = {"config": {"size": 3}, "state_dict": {"w": torch.ones(3)}, "args": {"path": "x"}, "epoch": 2}
+    save_checkpoint(path, checkpoint)
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 2 and torch.equal(loaded["state_dict"]["w"], torch.ones(3))
+    assert len(checkpoint_identity(path)["sha256"]) == 64
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="damaged"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt", stage_hint="train_vae.py")

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_episode, run_script
+from conv_vae import ConvVAE, ConvVAEConfig
+from utils import UserError, episode_path, load_checkpoint, load_vae, save_episode
+
+TINY = ConvVAEConfig(latent_dim=8, channels=(8, 16, 16, 16))
+
+
+def test_shapes_and_finite_loss():
+    model = ConvVAE(TINY)
+    frames = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
+    x = ConvVAE.to_input(frames)
+    assert x.shape == (5, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (5, 8)
+    recon, _, _ = model(x)
+    assert recon.shape == x.shape and 0 <= recon.min() and recon.max() <= 1
+    losses = model.loss(x)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss"] >= losses["recon"] + TINY.kl_tolerance * TINY.latent_dim - 1e-4  # the KL floor
+
+
+def test_default_is_the_original_architecture():
+    model = ConvVAE(ConvVAEConfig())
+    assert sum(p.numel() for p in model.parameters()) == 4_348_547
+    assert model.encode(torch.zeros(1, 3, 64, 64))[0].shape == (1, 32)
+
+
+def test_a_tiny_epoch_lowers_the_loss():
+    torch.manual_seed(0)
+    model = ConvVAE(TINY)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # structured frames (blobs of colour) so there is something to learn
+    frames = torch.zeros(32, 64, 64, 3, dtype=torch.uint8)
+    for i in range(32):
+        frames[i, (i % 4) * 16:(i % 4) * 16 + 16, :, i % 3] = 255
+    x = ConvVAE.to_input(frames)
+    with torch.no_grad():
+        before = model.loss(x, sample=False)["recon"].item()
+    for _ in range(40):
+        loss = model.loss(x)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = model.loss(x, sample=False)["recon"].item()
+    assert after < 0.7 * before
+
+
+def test_train_vae_checkpoints_resumes_and_rebuilds(tmp_path):
+    data, ckpt = tmp_path / "data", tmp_path / "ckpt"
+    for seed in range(3):
+        save_episode(episode_path(data, "random", seed), make_episode(40, seed))
+    common = ["train_vae.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
+              "--batch-size", "16", "--no-collect"]
+    first = run_script(*common, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    assert (ckpt / "vae.pt").exists() and (ckpt / "vae_latest.pt").exists() and (ckpt / "vae_recon.png").exists()
+    second = run_script(*common, "--epochs", "2")
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout and "epoch 2:" in second.stdout and "epoch 1:" not in second.stdout
+    checkpoint = load_checkpoint(ckpt / "vae_latest.pt")
+    assert checkpoint["epoch"] == 2 and np.isfinite(checkpoint["metrics"]["val_loss"])
+    model, best = load_vae(ckpt / "vae.pt")  # rebuilt from the stored config with weights_only=True
+    assert isinstance(model, ConvVAE) and model.config == ConvVAEConfig()
+    assert list(tmp_path.glob("runs/vae-*/events.out.tfevents.*")), "TensorBoard events are written"
+    (ckpt / "vae.pt").write_bytes((ckpt / "vae.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match="damaged"):
+        load_vae(ckpt / "vae.pt")

@@ -1,0 +1,212 @@
+"""Train the ConvVAE (V) on collected frames.
+
+Reads:  DATA_DIR/rollouts/*/ep_*.npz (collects random episodes first if there are none).
+Writes: CKPT_DIR/vae.pt (best validation loss), CKPT_DIR/vae_latest.pt (every epoch, with the
+        optimizer: re-running resumes from it), CKPT_DIR/vae_recon.png (validation frames over
+        their reconstructions, newest epoch), and TensorBoard logs plus a recon PNG per epoch
+        under LOG_DIR/vae-<time>/.
+
+Frames stay uint8 and are streamed from the episode files a few dozen episodes at a time, so a
+data set larger than RAM trains too. Train and validation are split by episode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from conv_vae import ConvVAE, ConvVAEConfig
+from utils import (FrameStream, UserError, episode_lengths, frames_grid, list_episodes, load_checkpoint,
+                   load_episode, pick_device, plain, run_main, save_checkpoint, seed_everything, split_episodes)
+from utils_rl import collect_episodes
+
+
+@dataclass
+class Args:
+    data_dir: Path = Path("data")
+    """episodes are read from DATA_DIR/rollouts/*/"""
+    ckpt_dir: Path = Path("checkpoints")
+    """where vae.pt and vae_latest.pt go"""
+    log_dir: Path = Path("runs")
+    """TensorBoard logs go to LOG_DIR/vae-<time>/"""
+    epochs: int = 3
+    """total epochs (a resumed run trains up to this many)"""
+    batch_size: int = 128
+    lr: float = 1e-3
+    """Adam learning rate"""
+    latent_dim: int = 32
+    kl_tolerance: float = 0.5
+    """free bits per latent dim (0 disables the floor)"""
+    val_percent: float = 5.0
+    """share of episodes held out for validation (split by episode, stable as data grows)"""
+    val_frames: int = 2048
+    """validation frames evaluated each epoch, evenly spread over the held-out episodes"""
+    buffer_episodes: int = 32
+    """episodes decompressed and shuffled together: bounds memory (about 12 MB per 1000-step episode)"""
+    seed: int = 0
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default, one per core)"""
+    fresh: bool = False
+    """ignore vae_latest.pt and start over"""
+    collect: bool = True
+    """collect random episodes first when DATA_DIR has none"""
+    collect_episodes: int = 200
+    """episodes to collect when DATA_DIR is empty"""
+    collect_max_steps: int = 1000
+    workers: int = 2
+    """collection worker processes"""
+    env_backend: str = "gymnasium"
+    """backend for that collection: gymnasium or envpool"""
+
+
+def train_step(model: ConvVAE, optimizer: torch.optim.Optimizer, frames: np.ndarray, device) -> dict[str, float]:
+    """One optimisation step on a batch of uint8 frames (B, 64, 64, 3)."""
+    x = ConvVAE.to_input(torch.from_numpy(frames).to(device))
+    losses = model.loss(x)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return {name: value.item() for name, value in losses.items()}
+
+
+@torch.no_grad()
+def evaluate(model: ConvVAE, frames: np.ndarray, device, batch_size: int = 256) -> dict[str, float]:
+    """Mean validation figures over `frames`, decoding mu (deterministic)."""
+    model.eval()
+    totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    for start in range(0, len(frames), batch_size):
+        batch = frames[start:start + batch_size]
+        losses = model.loss(ConvVAE.to_input(torch.from_numpy(batch).to(device)), sample=False)
+        for name in totals:
+            totals[name] += losses[name].item() * len(batch)
+    model.train()
+    return {name: total / len(frames) for name, total in totals.items()}
+
+
+@torch.no_grad()
+def reconstruction_png(model: ConvVAE, frames: np.ndarray, device) -> np.ndarray:
+    """Originals (top row) over their reconstructions from mu (bottom row)."""
+    model.eval()
+    mu, _ = model.encode(ConvVAE.to_input(torch.from_numpy(frames).to(device)))
+    recon = (model.decode(mu).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
+    model.train()
+    return frames_grid([frames, recon], scale=2)
+
+
+def validation_frames(paths: list[Path], count: int) -> np.ndarray:
+    """`count` frames evenly spread over the validation episodes (a fixed set, the same every epoch)."""
+    frames = [ep["obs"] for ep in (load_episode(p, keys=("obs",)) for p in paths) if ep is not None]
+    if not frames:
+        raise UserError("no readable validation episode")
+    frames = np.concatenate(frames)
+    return frames[np.linspace(0, len(frames) - 1, min(count, len(frames))).astype(int)]
+
+
+def ensure_episodes(args: Args) -> list[Path]:
+    paths = list_episodes(args.data_dir)
+    if paths:
+        return paths
+    if not args.collect:
+        raise UserError(f"no episodes in {args.data_dir}/rollouts/: run collect_data.py --data-dir {args.data_dir} "
+                        "(or drop --no-collect)")
+    print(f"no episodes in {args.data_dir}: collecting {args.collect_episodes} random ones first")
+    collect_episodes(args.data_dir, range(args.collect_episodes), args.collect_max_steps, args.workers,
+                     args.env_backend, "random")
+    return list_episodes(args.data_dir)
+
+
+def main(args: Args) -> None:
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    config = ConvVAEConfig(latent_dim=args.latent_dim, kl_tolerance=args.kl_tolerance)
+    model = ConvVAE(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    latest_path, best_path = args.ckpt_dir / "vae_latest.pt", args.ckpt_dir / "vae.pt"
+
+    start_epoch, best_val, log_dir = 0, math.inf, args.log_dir / f"vae-{time.strftime('%Y%m%d-%H%M%S')}"
+    if latest_path.exists() and not args.fresh:
+        checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint="train_vae.py --fresh")
+        if checkpoint["config"] != plain(config):
+            raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
+                            "use the same sizes or --fresh")
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, best_val, log_dir = checkpoint["epoch"], checkpoint["best_val_loss"], Path(checkpoint["log_dir"])
+        print(f"resuming from {latest_path}: epoch {start_epoch}, best val loss {best_val:.2f}")
+    if start_epoch >= args.epochs:
+        print(f"{latest_path} has already trained {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
+        return
+
+    lengths = episode_lengths(ensure_episodes(args))
+    train_paths, val_paths = split_episodes(sorted(lengths), args.val_percent)
+    if not lengths:
+        raise UserError(f"no readable episode in {args.data_dir}/rollouts/")
+    train_frames = sum(lengths[p] for p in train_paths)
+    val_set = validation_frames(val_paths, args.val_frames)
+    print(f"data: {len(train_paths)} train episodes ({train_frames} frames), {len(val_paths)} validation "
+          f"episodes ({len(val_set)} frames evaluated); model {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters on {device}; logs in {log_dir}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    writer.add_text("args", str(plain(args)))
+    step = start_epoch * (train_frames // args.batch_size)
+    for epoch in range(start_epoch, args.epochs):
+        stream = FrameStream(train_paths, args.batch_size, args.buffer_episodes, seed=args.seed + epoch)
+        bar = tqdm(stream, total=train_frames // args.batch_size, desc=f"vae epoch {epoch + 1}/{args.epochs}",
+                   unit="batch", dynamic_ncols=True)
+        epoch_start, seen, running = time.perf_counter(), 0, []
+        for frames in bar:
+            losses = train_step(model, optimizer, frames, device)
+            if not math.isfinite(losses["loss"]):
+                raise UserError(f"VAE loss became {losses['loss']} at epoch {epoch + 1}, step {step}; "
+                                f"the last good checkpoint is {latest_path}")
+            seen, step = seen + len(frames), step + 1
+            running.append(losses["loss"])
+            img_per_s = seen / (time.perf_counter() - epoch_start)
+            if step % 20 == 0:
+                for name, value in losses.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+                writer.add_scalar("perf/img_per_s", img_per_s, step)
+                bar.set_postfix(loss=f"{np.mean(running[-20:]):.1f}", img_s=f"{img_per_s:.0f}", refresh=False)
+        epoch_seconds = time.perf_counter() - epoch_start
+        val = evaluate(model, val_set, device)
+        for name, value in val.items():
+            writer.add_scalar(f"val/{name}", value, epoch + 1)
+        image = reconstruction_png(model, val_set[np.linspace(0, len(val_set) - 1, 8).astype(int)], device)
+        iio.imwrite(log_dir / f"recon_epoch{epoch + 1:03d}.png", image)
+        args.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(args.ckpt_dir / "vae_recon.png", image)
+
+        metrics = {"train_loss": float(np.mean(running)) if running else math.nan, "img_per_s": seen / epoch_seconds,
+                   **{f"val_{name}": value for name, value in val.items()}}
+        improved = val["loss"] < best_val
+        best_val = min(best_val, val["loss"])
+        checkpoint = {"config": plain(config), "state_dict": model.state_dict(), "args": plain(args),
+                      "epoch": epoch + 1, "metrics": metrics, "best_val_loss": best_val, "log_dir": str(log_dir)}
+        if improved:
+            save_checkpoint(best_path, checkpoint)
+        save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict()})
+        print(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.2f}, val loss {val['loss']:.2f} "
+              f"(recon {val['recon']:.2f}, kl {val['kl']:.2f}), {metrics['img_per_s']:.0f} img/s, "
+              f"{epoch_seconds:.0f}s{'; saved ' + str(best_path) if improved else ''}")
+    writer.close()
+    print(f"best val loss {best_val:.2f} in {best_path}; reconstructions in {args.ckpt_dir / 'vae_recon.png'}")
+
+
+if __name__ == "__main__":
+    run_main(main, Args, description=__doc__)

@@ -1,0 +1,326 @@
+"""Shared helpers: errors, seeding, device choice, frame preprocessing, checkpoints, episode files.
+
+Everything here is used by several stages; no stage keeps a private variant of any of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import random
+import sys
+import warnings
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+FRAME_SIZE = 64  # the VAE's input is FRAME_SIZE x FRAME_SIZE RGB
+EPISODE_KEYS = ("obs", "action", "reward", "terminated", "truncated", "seed")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad flag, bad file): printed as one line, no traceback."""
+
+
+def run_main(main: Callable[[Any], Any], args_type: type, description: str | None = None) -> None:
+    """Parse `args_type` with tyro, run `main(args)`, and turn a UserError into one line and exit 2."""
+    import tyro
+
+    args = tyro.cli(args_type, description=description)
+    try:
+        main(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- seeding, devices
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto"):
+    """`auto` takes CUDA when it is there, else the CPU; asking for CUDA without one is a UserError."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def plain(value: Any) -> Any:
+    """A dataclass / Path / tuple turned into plain types, so `torch.load(weights_only=True)` reads it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def preprocess_frame(frame: np.ndarray) -> np.ndarray:
+    """The one frame preprocessing (contract): a 96x96x3 uint8 CarRacing frame -> 64x64x3 uint8 RGB.
+
+    The status bar (bottom 12 rows: speed, ABS, steering and gyro gauges) is kept, not cropped: it is
+    the only place the frame shows speed, which a controller needs. INTER_AREA averages the 1.5x
+    downscale instead of aliasing the thin track edges.
+    """
+    if frame.shape[-1] != 3 or frame.ndim != 3:
+        raise ValueError(f"expected an HxWx3 frame, got shape {frame.shape}")
+    return cv2.resize(frame, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA)
+
+
+# ----------------------------------------------------------------------------- atomic files, checkpoints
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through `write(file)` to a temporary name in the same dir, fsync, then rename.
+
+    A run killed at any moment leaves either the old file or the complete new one, never a half file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_identity(path: Path) -> dict:
+    """How a downstream checkpoint names the upstream one it was trained on: path and content hash."""
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    import torch
+
+    atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path: Path, map_location="cpu", stage_hint: str = "") -> dict:
+    """Load a checkpoint dict safely (weights_only); a missing or damaged file is a UserError."""
+    import torch
+
+    path = Path(path)
+    hint = f" (run {stage_hint} to make it)" if stage_hint else ""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found{hint}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({type(error).__name__}){hint}")
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise UserError(f"checkpoint {path} lacks a config and state_dict: not made by this repo{hint}")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- episode files
+
+
+def episode_dir(data_dir: Path, source: str) -> Path:
+    """Episodes of one collection source (`random`, `agent`, ...) live in data/rollouts/<source>/."""
+    return Path(data_dir) / "rollouts" / source
+
+
+def episode_path(data_dir: Path, source: str, track_seed: int) -> Path:
+    return episode_dir(data_dir, source) / f"ep_{track_seed:07d}.npz"
+
+
+def save_episode(path: Path, episode: dict) -> None:
+    """Write one episode file (contract): compressed npz, atomically."""
+    missing = set(EPISODE_KEYS) - set(episode)
+    if missing:
+        raise ValueError(f"episode lacks keys {sorted(missing)}")
+    arrays = {
+        "obs": np.asarray(episode["obs"], dtype=np.uint8),
+        "action": np.asarray(episode["action"], dtype=np.float32),
+        "reward": np.asarray(episode["reward"], dtype=np.float32),
+        "terminated": np.asarray(episode["terminated"], dtype=bool),
+        "truncated": np.asarray(episode["truncated"], dtype=bool),
+        "seed": np.asarray(episode["seed"], dtype=np.int64),
+    }
+    check_episode_arrays(arrays)
+    atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
+
+
+def check_episode_arrays(arrays: dict) -> None:
+    """Raise ValueError unless the arrays follow the episode contract."""
+    obs = arrays["obs"]
+    steps = len(obs)
+    if obs.dtype != np.uint8 or obs.shape[1:] != (FRAME_SIZE, FRAME_SIZE, 3) or steps == 0:
+        raise ValueError(f"obs must be uint8 (T>0, {FRAME_SIZE}, {FRAME_SIZE}, 3), got {obs.dtype} {obs.shape}")
+    if arrays["action"].shape != (steps, 3):
+        raise ValueError(f"action must be ({steps}, 3), got {arrays['action'].shape}")
+    for key in ("reward", "terminated", "truncated"):
+        if arrays[key].shape != (steps,):
+            raise ValueError(f"{key} must be ({steps},), got {arrays[key].shape}")
+
+
+def is_complete_npz(path: Path) -> bool:
+    """Cheap check (reads the zip directory only) that a file is a whole npz with every episode key."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.removesuffix(".npy") for name in archive.namelist()}
+        return set(EPISODE_KEYS) <= names
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_episode(path: Path, keys: Sequence[str] = EPISODE_KEYS) -> dict | None:
+    """Load one episode file; a corrupt, truncated or wrong-shaped one gives one warning and None."""
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:  # np.load leaks its handle on a bad zip
+            arrays = {key: npz[key] for key in keys}
+        if "obs" in arrays:
+            check_episode_arrays({**arrays, **_lengths_only(arrays)})
+        return arrays
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        warnings.warn(f"skipping episode file {path}: {type(error).__name__}: {error}", stacklevel=2)
+        return None
+
+
+def _lengths_only(arrays: dict) -> dict:
+    """Fill keys that were not loaded with placeholders of the right length, so checks can run on a subset."""
+    steps = len(arrays["obs"])
+    filler = {"action": np.zeros((steps, 3)), "reward": np.zeros(steps), "terminated": np.zeros(steps),
+              "truncated": np.zeros(steps)}
+    return {key: value for key, value in filler.items() if key not in arrays}
+
+
+def list_episodes(data_dir: Path, sources: Sequence[str] | None = None) -> list[Path]:
+    """Every episode file under data_dir/rollouts/<source>/ (all sources unless named), sorted."""
+    root = Path(data_dir) / "rollouts"
+    patterns = [f"{source}/ep_*.npz" for source in sources] if sources else ["*/ep_*.npz"]
+    return sorted(path for pattern in patterns for path in root.glob(pattern))
+
+
+def is_validation_episode(path: Path, val_percent: float) -> bool:
+    """A stable split by episode: the file name's CRC decides, so it holds as the data set grows."""
+    return zlib.crc32(Path(path).name.encode()) % 10_000 < val_percent * 100
+
+
+def split_episodes(paths: Sequence[Path], val_percent: float) -> tuple[list[Path], list[Path]]:
+    """Train / validation split by episode. With under two episodes both sets are the same one."""
+    paths = list(paths)
+    val = [p for p in paths if is_validation_episode(p, val_percent)]
+    if not val and len(paths) >= 2 and val_percent > 0:
+        val = [paths[-1]]  # tiny data sets: still hold one episode out
+    train = [p for p in paths if p not in val]
+    if not train:
+        train, val = paths, paths
+    return train, val
+
+
+def episode_lengths(paths: Sequence[Path]) -> dict[Path, int]:
+    """Steps per readable episode (reads only the small `reward` array); unreadable files are dropped."""
+    lengths = {}
+    for path in paths:
+        arrays = load_episode(path, keys=("reward",))
+        if arrays is not None:
+            lengths[path] = len(arrays["reward"])
+    return lengths
+
+
+class FrameStream:
+    """Shuffled uint8 frame batches streamed from episode files, with bounded memory.
+
+    Each pass shuffles the episode order, loads `buffer_episodes` episodes at a time (the next group
+    is decompressed in a background thread while the current one trains: zlib releases the GIL),
+    shuffles their frames together and yields (batch, 64, 64, 3) uint8 arrays. Memory is about
+    `2 * buffer_episodes` episodes whatever the size of the data set.
+    """
+
+    def __init__(self, paths: Sequence[Path], batch_size: int, buffer_episodes: int = 32, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        self.paths = list(paths)
+        self.batch_size = batch_size
+        self.buffer_episodes = max(1, buffer_episodes)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rng = np.random.default_rng(seed)
+
+    def _load_group(self, group: Sequence[Path]) -> np.ndarray:
+        frames = [ep["obs"] for ep in (load_episode(p, keys=("obs",)) for p in group) if ep is not None]
+        return np.concatenate(frames) if frames else np.zeros((0, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = self.rng.permutation(len(self.paths)) if self.shuffle else np.arange(len(self.paths))
+        paths = [self.paths[i] for i in order]
+        groups = [paths[i:i + self.buffer_episodes] for i in range(0, len(paths), self.buffer_episodes)]
+        leftover = np.zeros((0, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+        with ThreadPoolExecutor(max_workers=1) as loader:
+            pending = loader.submit(self._load_group, groups[0]) if groups else None
+            for index in range(len(groups)):
+                frames = pending.result()
+                if index + 1 < len(groups):
+                    pending = loader.submit(self._load_group, groups[index + 1])
+                frames = np.concatenate([leftover, frames])
+                if self.shuffle:
+                    frames = frames[self.rng.permutation(len(frames))]
+                usable = len(frames) - len(frames) % self.batch_size
+                for start in range(0, usable, self.batch_size):
+                    yield frames[start:start + self.batch_size]
+                leftover = frames[usable:]
+        if len(leftover) and not self.drop_last:
+            yield leftover
+
+
+def load_vae(path: Path, device="cpu"):
+    """The ConvVAE of a checkpoint, rebuilt from its stored config, in eval mode: (model, checkpoint)."""
+    from conv_vae import ConvVAE, ConvVAEConfig
+
+    checkpoint = load_checkpoint(path, map_location=device, stage_hint="train_vae.py")
+    try:
+        model = ConvVAE(ConvVAEConfig.from_dict(checkpoint["config"]))
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, KeyError, RuntimeError) as error:
+        raise UserError(f"checkpoint {path} is not a ConvVAE checkpoint ({type(error).__name__}); run train_vae.py")
+    return model.to(device).eval(), checkpoint
+
+
+def frames_grid(rows: Sequence[np.ndarray], scale: int = 2) -> np.ndarray:
+    """Rows of (N, H, W, 3) uint8 frames -> one uint8 image, rows stacked, upscaled for viewing."""
+    image = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
+    return np.kron(image, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else image

@@ -1,0 +1,224 @@
+"""Environments, collection policies and parallel episode collection.
+
+`make_env` is the one place an environment is built. Collection runs whole episodes in worker
+processes (a process pool, not a vector env: each worker steps, preprocesses and writes its own
+episode files, so no frame crosses a pipe per step; see the benchmark table in the README).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+from pathlib import Path
+from typing import Sequence
+
+import gymnasium as gym
+import numpy as np
+from tqdm import tqdm
+
+from utils import UserError, episode_dir, episode_path, is_complete_npz, preprocess_frame, save_episode
+
+ENV_ID = "CarRacing-v3"
+BACKENDS = ("gymnasium", "envpool")
+ENVPOOL_INSTALL = "pip install envpool==1.2.5"
+
+
+# ----------------------------------------------------------------------------- environments
+
+
+class EnvPoolCarRacing(gym.Env):
+    """EnvPool's C++ CarRacing-v3 behind the single-env Gymnasium API.
+
+    An approximate clone of the reference env (other tracks for the same seed, pixels a few levels
+    off): for collection only, never for a reported score. EnvPool fixes the track seed when the
+    pool is made, so `reset(seed=s)` makes a fresh one-env pool (about 3 ms).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, max_episode_steps: int = 1000):
+        import envpool
+
+        self._envpool = envpool
+        self.max_episode_steps = max_episode_steps
+        self.observation_space = gym.spaces.Box(0, 255, (96, 96, 3), np.uint8)
+        self.action_space = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.ones(3, np.float32))
+        self._pool = None
+        self._next_seed = 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._next_seed = seed
+        self._pool = self._envpool.make_gymnasium(
+            "CarRacing-v3", num_envs=1, seed=self._next_seed, max_episode_steps=self.max_episode_steps)
+        self._next_seed += 1
+        obs, _ = self._pool.reset()
+        return obs[0], {}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = self._pool.step(np.asarray(action, np.float32)[None])
+        return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
+
+
+def make_env(backend: str = "gymnasium", max_steps: int = 1000, render_mode: str | None = None) -> gym.Env:
+    """The environment for `backend`: `gymnasium` is the reference CarRacing-v3 (every reported score),
+    `envpool` a faster approximate clone for collection."""
+    if backend == "gymnasium":
+        return gym.make(ENV_ID, max_episode_steps=max_steps, render_mode=render_mode)
+    if backend == "envpool":
+        try:
+            import envpool  # noqa: F401
+        except ImportError:
+            raise UserError(f"env backend 'envpool' is not installed: {ENVPOOL_INSTALL} (or use --env-backend gymnasium)")
+        if render_mode is not None:
+            raise UserError("the envpool backend cannot render a window; use --env-backend gymnasium")
+        return EnvPoolCarRacing(max_episode_steps=max_steps)
+    raise UserError(f"unknown env backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+# ----------------------------------------------------------------------------- collection policies
+
+
+class BrownianPolicy:
+    """Smooth random driving: steering, gas and brake follow Ornstein-Uhlenbeck processes.
+
+    Uniform noise jitters in place; this drifts. Gas hovers around 0.5 so the car moves, steering
+    wanders slowly around straight (stationary std ~0.45) so it follows the track for a while and
+    then leaves it, and the brake is a mean-reverting process mostly below zero, so it comes in
+    occasional pulses. Each episode's noise is seeded by its track seed, so episodes reproduce.
+    """
+
+    def __init__(self, **_unused):
+        self.rng = np.random.default_rng(0)
+        self.state = np.zeros(3)
+        self.mean = np.array([0.0, 0.5, -0.3])
+        self.pull = np.array([0.05, 0.05, 0.10])  # per-step mean reversion
+        self.noise = np.array([0.15, 0.10, 0.10])
+
+    def reset(self, seed: int) -> None:
+        self.rng = np.random.default_rng([seed, 1])
+        self.state = self.mean.copy()
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        self.state += self.pull * (self.mean - self.state) + self.noise * self.rng.standard_normal(3)
+        self.state = np.clip(self.state, -1.5, 1.5)
+        return np.clip(self.state, [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
+
+
+# The controllers issue adds `agent` here (a trained controller plus exploration noise).
+POLICIES = {"random": BrownianPolicy}
+
+
+def make_policy(name: str, **kwargs):
+    if name not in POLICIES:
+        raise UserError(f"unknown collection policy {name!r}: choose one of {', '.join(POLICIES)}")
+    return POLICIES[name](**kwargs)
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def rollout_episode(env: gym.Env, policy, track_seed: int, max_steps: int, on_step=None) -> dict:
+    """Play one episode; obs[t] is the preprocessed frame the action[t] was chosen on, reward[t] what it earned."""
+    frame, _ = env.reset(seed=track_seed)
+    policy.reset(track_seed)
+    obs, actions, rewards, terminated, truncated = [], [], [], [], []
+    for step in range(max_steps):
+        small = preprocess_frame(frame)
+        action = policy(small)
+        frame, reward, term, trunc, _ = env.step(action)
+        trunc = trunc or (step == max_steps - 1 and not term)
+        obs.append(small), actions.append(action), rewards.append(reward)
+        terminated.append(term), truncated.append(trunc)
+        if on_step is not None:
+            on_step()
+        if term or trunc:
+            break
+    return {"obs": np.stack(obs), "action": np.stack(actions), "reward": np.array(rewards, np.float32),
+            "terminated": np.array(terminated), "truncated": np.array(truncated), "seed": track_seed}
+
+
+_worker: dict = {}  # per worker process: its env, policy and settings, built once by _init_worker
+
+
+def _init_worker(backend: str, max_steps: int, policy_name: str, policy_kwargs: dict, step_counter) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    _worker.update(env=make_env(backend, max_steps), policy=make_policy(policy_name, **policy_kwargs),
+                   max_steps=max_steps, counter=step_counter, pending=0)
+
+
+def _count_step() -> None:
+    _worker["pending"] += 1
+    if _worker["pending"] == 50:  # batch the shared-counter updates: a lock per step is measurable
+        with _worker["counter"].get_lock():
+            _worker["counter"].value += 50
+        _worker["pending"] = 0
+
+
+def _collect_one(task: tuple[int, str]) -> dict:
+    track_seed, path = task
+    episode = rollout_episode(_worker["env"], _worker["policy"], track_seed, _worker["max_steps"], _count_step)
+    save_episode(Path(path), episode)
+    with _worker["counter"].get_lock():
+        _worker["counter"].value += _worker["pending"]
+    _worker["pending"] = 0
+    return {"seed": track_seed, "steps": len(episode["reward"]), "return": float(episode["reward"].sum())}
+
+
+def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int = 1000, workers: int = 2,
+                     backend: str = "gymnasium", policy: str = "random", policy_kwargs: dict | None = None,
+                     source: str | None = None, progress: bool = True) -> list[dict]:
+    """Collect one episode file per track seed into data_dir/rollouts/<source>/, skipping complete ones.
+
+    Returns a summary (seed, steps, return) of each episode collected now. Safe to kill at any
+    moment: files appear only when complete, and a re-run collects just the missing seeds.
+    """
+    source = source or policy
+    make_policy(policy, **(policy_kwargs or {}))  # fail fast on a bad policy, before any process starts
+    make_env(backend, max_steps).close()  # ... and on a bad or missing backend
+    out_dir = episode_dir(data_dir, source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".ep_*.tmp-*"):  # left by a worker killed mid-write
+        stale.unlink(missing_ok=True)
+    tasks = [(seed, str(episode_path(data_dir, source, seed))) for seed in track_seeds]
+    tasks = [task for task in tasks if not is_complete_npz(Path(task[1]))]
+    if not tasks:
+        return []
+    workers = max(1, min(workers, len(tasks)))
+    context = mp.get_context("spawn")  # fork after torch/threads is unsafe; spawn costs ~1 s per worker
+    counter = context.Value("q", 0)
+    init_args = (backend, max_steps, policy, policy_kwargs or {}, counter)
+    summaries = []
+    bar = tqdm(total=len(tasks) * max_steps, unit="step", desc=f"collect {source}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if workers == 1:  # in-process: no start-up cost, same code path as a worker
+            _init_worker(*init_args)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for task in tasks:
+                summaries.append(_collect_one(task))
+                _update_bar(bar, counter, summaries)
+        else:
+            with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+                results = pool.imap_unordered(_collect_one, tasks)
+                while len(summaries) < len(tasks):
+                    try:
+                        summaries.append(results.next(timeout=0.5))
+                    except mp.TimeoutError:
+                        pass
+                    _update_bar(bar, counter, summaries)
+    finally:
+        bar.total = bar.n
+        bar.close()
+        if "env" in _worker:
+            _worker["env"].close()
+        _worker.clear()
+    return summaries
+
+
+def _update_bar(bar, counter, summaries: list[dict]) -> None:
+    bar.update(counter.value - bar.n)
+    if summaries:
+        bar.set_postfix(episodes=len(summaries), mean_return=f"{np.mean([s['return'] for s in summaries]):.1f}",
+                        refresh=False)
