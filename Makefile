@@ -6,7 +6,7 @@ RUN_DIR ?= /tmp/wm-smoke
 DATA_DIR ?= data
 CKPT_DIR ?= checkpoints
 LOG_DIR ?= runs
-BACKEND ?= gymnasium
+BACKEND ?= fast
 
 .PHONY: venv test train smoke bench
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from utils import UserError, episode_dir, episode_path, is_complete_npz, preprocess_frame, save_episode
 
 ENV_ID = "CarRacing-v3"
-BACKENDS = ("gymnasium", "envpool")
+BACKENDS = ("fast", "gymnasium", "envpool")
 ENVPOOL_INSTALL = "pip install envpool==1.2.5"
 
 
@@ -61,18 +61,25 @@ class EnvPoolCarRacing(gym.Env):
         return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
 
 
-def make_env(backend: str = "gymnasium", max_steps: int = 1000, render_mode: str | None = None) -> gym.Env:
-    """The environment for `backend`: `gymnasium` is the reference CarRacing-v3 (every reported score),
-    `envpool` a faster approximate clone for collection."""
+def make_env(backend: str = "fast", max_steps: int = 1000, render_mode: str | None = None) -> gym.Env:
+    """The environment for `backend`:
+    - `fast` (default): a subclass of gymnasium's CarRacing-v3 with identical observations, rewards and
+      flags, ~2.5x faster (fast_car_racing.py); stock, with a warning, on unverified versions;
+    - `gymnasium`: the stock reference CarRacing-v3;
+    - `envpool`: a faster approximate clone (other tracks, slightly other pixels), for collection only."""
+    if backend == "fast":
+        from fast_car_racing import make_fast_env
+
+        return make_fast_env(max_episode_steps=max_steps, render_mode=render_mode)
     if backend == "gymnasium":
         return gym.make(ENV_ID, max_episode_steps=max_steps, render_mode=render_mode)
     if backend == "envpool":
         try:
             import envpool  # noqa: F401
         except ImportError:
-            raise UserError(f"env backend 'envpool' is not installed: {ENVPOOL_INSTALL} (or use --env-backend gymnasium)")
+            raise UserError(f"env backend 'envpool' is not installed: {ENVPOOL_INSTALL} (or use --env-backend fast)")
         if render_mode is not None:
-            raise UserError("the envpool backend cannot render a window; use --env-backend gymnasium")
+            raise UserError("the envpool backend cannot render a window; use --env-backend fast")
         return EnvPoolCarRacing(max_episode_steps=max_steps)
     raise UserError(f"unknown env backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 

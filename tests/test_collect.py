@@ -47,7 +47,7 @@ def test_brownian_policy_is_smooth_and_bounded():
 
 
 def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
-    with pytest.raises(UserError, match="choose one of gymnasium, envpool"):
+    with pytest.raises(UserError, match="choose one of fast, gymnasium, envpool"):
         make_env("nope")
     monkeypatch.setitem(sys.modules, "envpool", None)  # as if not installed
     with pytest.raises(UserError, match="pip install envpool"):

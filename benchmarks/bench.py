@@ -1,0 +1,137 @@
+"""Throughput benchmarks for the foundation stages; prints a markdown table (and optionally writes JSON).
+
+Reads:  nothing (it collects its own few episodes into a temporary dir).
+Writes: stdout, and --out FILE.json if given.
+
+Rows:
+- raw env steps/s: `env.step` with a constant action, one process (gymnasium, envpool);
+- gymnasium AsyncVectorEnv with 2 envs (the alternative to our process pool, random actions);
+- collection steps/s through the real path (`collect_episodes`: policy, preprocessing, compressed
+  episode files) with 1 and 2 worker processes, per backend;
+- ConvVAE training img/s on uint8 batches already in memory vs streamed from episode files.
+Run it on an otherwise idle machine: two cores are easily disturbed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from conv_vae import ConvVAE, ConvVAEConfig  # noqa: E402
+from train_vae import train_step  # noqa: E402
+from utils import FrameStream, list_episodes, run_main  # noqa: E402
+from utils_rl import BACKENDS, collect_episodes, make_env  # noqa: E402
+
+
+@dataclass
+class Args:
+    raw_steps: int = 1000
+    """steps for each raw env.step measurement"""
+    collect_episodes: int = 6
+    """episodes per collection measurement"""
+    collect_max_steps: int = 1000
+    vae_batches: int = 40
+    """timed VAE training steps per measurement (after 3 warm-up steps)"""
+    batch_size: int = 128
+    backends: tuple[str, ...] = BACKENDS
+    out: Path | None = None
+    """also write the figures as JSON here"""
+
+
+def raw_env_steps_per_s(backend: str, steps: int) -> float:
+    env = make_env(backend)
+    env.reset(seed=0)
+    action = np.array([0.0, 0.5, 0.0], np.float32)
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            env.reset()
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def async_vector_steps_per_s(num_envs: int, steps: int) -> float:
+    envs = gym.vector.AsyncVectorEnv([lambda: make_env("gymnasium") for _ in range(num_envs)])
+    envs.reset(seed=0)
+    envs.action_space.seed(0)
+    start = time.perf_counter()
+    for _ in range(steps // num_envs):
+        envs.step(envs.action_space.sample())
+    rate = (steps // num_envs) * num_envs / (time.perf_counter() - start)
+    envs.close()
+    return rate
+
+
+def collection_steps_per_s(backend: str, workers: int, episodes: int, max_steps: int, data_dir: Path) -> float:
+    start = time.perf_counter()
+    summaries = collect_episodes(data_dir, range(episodes), max_steps, workers, backend, progress=False)
+    return sum(s["steps"] for s in summaries) / (time.perf_counter() - start)
+
+
+def vae_img_per_s(batches, model: ConvVAE, batch_size: int, count: int) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    iterator = iter(batches)
+    for _ in range(3):  # warm-up
+        train_step(model, optimizer, next(iterator), "cpu")
+    start = time.perf_counter()
+    for _ in range(count):
+        train_step(model, optimizer, next(iterator), "cpu")
+    return count * batch_size / (time.perf_counter() - start)
+
+
+def main(args: Args) -> None:
+    torch.manual_seed(0)
+    rows: list[tuple[str, str, float]] = []
+
+    def record(what: str, how: str, value: float, unit: str) -> None:
+        rows.append((what, how, value))
+        print(f"  {what} [{how}]: {value:.0f} {unit}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends:
+            record(f"{backend} env.step, constant action", "1 process", raw_env_steps_per_s(backend, args.raw_steps),
+                   "steps/s")
+        record("gymnasium AsyncVectorEnv, random actions", "2 envs", async_vector_steps_per_s(2, args.raw_steps * 2),
+               "steps/s")
+        for backend in args.backends:
+            for workers in (1, 2):
+                data_dir = Path(tmp) / f"{backend}-{workers}"
+                rate = collection_steps_per_s(backend, workers, args.collect_episodes, args.collect_max_steps, data_dir)
+                record(f"{backend} collection (policy, preprocessing, files)", f"{workers} workers", rate, "steps/s")
+
+        model = ConvVAE(ConvVAEConfig())
+        rng = np.random.default_rng(0)
+        in_memory = [rng.integers(0, 256, (args.batch_size, 64, 64, 3), dtype=np.uint8) for _ in range(8)]
+        cycled = (in_memory[i % len(in_memory)] for i in range(10**9))
+        memory_rate = vae_img_per_s(cycled, model, args.batch_size, args.vae_batches)
+        record("ConvVAE training, uint8 batches in memory", f"batch {args.batch_size}", memory_rate, "img/s")
+        paths = list_episodes(Path(tmp) / "gymnasium-2")
+        streamed = (batch for _ in range(10**6) for batch in FrameStream(paths, args.batch_size, buffer_episodes=2))
+        stream_rate = vae_img_per_s(streamed, model, args.batch_size, args.vae_batches)
+        record("ConvVAE training, streamed from episode files", f"batch {args.batch_size}", stream_rate, "img/s")
+
+    print(f"\nmachine: {torch.get_num_threads()} torch threads, torch {torch.__version__}, gymnasium {gym.__version__}\n")
+    print("| what | how | throughput |\n|---|---|---|")
+    units = ["img/s" if "ConvVAE" in what else "steps/s" for what, _, _ in rows]
+    for (what, how, value), unit in zip(rows, units):
+        print(f"| {what} | {how} | {value:.0f} {unit} |")
+    print(f"\nstreamed / in-memory VAE training: {stream_rate / memory_rate:.1%}")
+    if args.out:
+        args.out.write_text(json.dumps([{"what": w, "how": h, "value": v, "unit": u}
+                                        for (w, h, v), u in zip(rows, units)], indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main, Args, description=__doc__)
