@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import random
+import signal
 import sys
 import warnings
 import zipfile
@@ -34,6 +35,7 @@ def run_main(main: Callable[[Any], Any], args_type: type, description: str | Non
     import tyro
 
     args = tyro.cli(args_type, description=description)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops a stage as cleanly as Ctrl-C
     try:
         main(args)
     except UserError as error:
@@ -42,6 +44,10 @@ def run_main(main: Callable[[Any], Any], args_type: type, description: str | Non
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------- seeding, devices

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -167,11 +168,27 @@ def rollout_episode(env: gym.Env, policy, track_seed: int, max_steps: int, on_st
             "terminated": np.array(terminated), "truncated": np.array(truncated), "seed": track_seed}
 
 
-_worker: dict = {}  # per worker process: its env, policy and settings, built once by _init_worker
+_worker: dict = {}  # per worker process: its env, policy and settings, built once by _setup_worker
 
 
-def _init_worker(backend: str, max_steps: int, policy_name: str, policy_kwargs: dict, step_counter) -> None:
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when its parent dies, instead of it finishing an episode
+    and then failing on the closed result pipe (a killed run then leaves no stray process)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _init_worker(*setup_args) -> None:
+    """Initializer of a pool worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    _die_with_parent()
+    _setup_worker(*setup_args)
+
+
+def _setup_worker(backend: str, max_steps: int, policy_name: str, policy_kwargs: dict, step_counter) -> None:
     _worker.update(env=make_env(backend, max_steps), policy=make_policy(policy_name, **policy_kwargs),
                    max_steps=max_steps, counter=step_counter, pending=0)
 
@@ -222,8 +239,7 @@ def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int 
                dynamic_ncols=True)
     try:
         if workers == 1:  # in-process: no start-up cost, same code path as a worker
-            _init_worker(*init_args)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _setup_worker(*init_args)
             for task in tasks:
                 summaries.append(_collect_one(task))
                 _update_bar(bar, counter, summaries)

@@ -44,6 +44,8 @@ class Args:
     """timed VAE training steps per measurement (after 3 warm-up steps)"""
     batch_size: int = 128
     backends: tuple[str, ...] = BACKENDS
+    long_run_episodes: int = 0
+    """if > 0: also time this many full episodes with 2 workers on stock vs fast (an evaluation-sized run)"""
     out: Path | None = None
     """also write the figures as JSON here"""
 
@@ -110,6 +112,12 @@ def main(args: Args) -> None:
                 data_dir = Path(tmp) / f"{backend}-{workers}"
                 rate = collection_steps_per_s(backend, workers, args.collect_episodes, args.collect_max_steps, data_dir)
                 record(f"{backend} collection (policy, preprocessing, files)", f"{workers} workers", rate, "steps/s")
+        for backend in ("gymnasium", "fast")[:2 if args.long_run_episodes else 0]:
+            start = time.perf_counter()
+            collect_episodes(Path(tmp) / f"long-{backend}", range(1_000_000, 1_000_000 + args.long_run_episodes),
+                             1000, 2, backend, progress=False)
+            record(f"{backend}: {args.long_run_episodes} full episodes, wall-clock seconds", "2 workers",
+                   time.perf_counter() - start, "s")
 
         model = ConvVAE(ConvVAEConfig())
         rng = np.random.default_rng(0)
@@ -124,7 +132,7 @@ def main(args: Args) -> None:
 
     print(f"\nmachine: {torch.get_num_threads()} torch threads, torch {torch.__version__}, gymnasium {gym.__version__}\n")
     print("| what | how | throughput |\n|---|---|---|")
-    units = ["img/s" if "ConvVAE" in what else "steps/s" for what, _, _ in rows]
+    units = ["img/s" if "ConvVAE" in what else "s" if "seconds" in what else "steps/s" for what, _, _ in rows]
     for (what, how, value), unit in zip(rows, units):
         print(f"| {what} | {how} | {value:.0f} {unit} |")
     print(f"\nstreamed / in-memory VAE training: {stream_rate / memory_rate:.1%}")

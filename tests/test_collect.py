@@ -67,16 +67,30 @@ def test_user_errors_print_one_line_and_exit_nonzero(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_killed_collection_leaves_no_half_file_and_resumes(tmp_path):
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_killed_collection_leaves_no_half_file_no_stray_worker_and_resumes(tmp_path):
     command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "4",
                "--max-steps", "150", "--workers", "2"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list_episodes(tmp_path) and time.time() < deadline:  # kill once the first file landed
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+    workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+    assert workers, "the pool's worker processes are running"
+    process.kill()  # the parent only, with no chance to clean up
     process.wait()
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "workers die with their parent"
     first = list_episodes(tmp_path)
     assert 1 <= len(first) < 4 and all(is_complete_npz(p) for p in first)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -85,3 +99,16 @@ def test_killed_collection_leaves_no_half_file_and_resumes(tmp_path):
     paths = list_episodes(tmp_path)
     assert len(paths) == 4 and all(load_episode(p) is not None for p in paths)
     assert not list((tmp_path / "rollouts" / "random").glob(".*")), "stale temporary files are cleaned"
+
+
+def test_terminate_signal_stops_a_stage_with_one_line(tmp_path):
+    command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "4", "--workers", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "rollouts" / "random").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode != 0 and "Traceback" not in stderr
+    assert "re-run the same command to resume" in stderr
