@@ -7,6 +7,7 @@ DATA_DIR ?= data
 CKPT_DIR ?= checkpoints
 LOG_DIR ?= runs
 BACKEND ?= fast
+WM_ARCH ?= mdn
 
 .PHONY: venv test train smoke bench
 
@@ -24,12 +25,15 @@ test: venv
 train: venv
 	$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes 200 --workers 2 --env-backend $(BACKEND)
 	$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs 3
+	$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --arch $(WM_ARCH)
 
 # The whole pipeline with tiny settings, writing RUN_DIR/{data,checkpoints,runs}.
 smoke: venv
 	$(PY) collect_data.py --data-dir $(RUN_DIR)/data --episodes 3 --max-steps 100 --workers 2
 	$(PY) train_vae.py --data-dir $(RUN_DIR)/data --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
 		--epochs 1 --batch-size 32 --val-frames 64
+	$(PY) train_world_model.py --data-dir $(RUN_DIR)/data --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
+		--epochs 1 --batch-size 2 --hidden-dim 32
 
 bench: venv
 	$(PY) benchmarks/bench.py

@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from conv_vae import ConvVAE, ConvVAEConfig
-from utils import (FrameStream, UserError, episode_lengths, frames_grid, list_episodes, load_checkpoint,
+from utils import (FrameStream, UserError, episode_lengths, frames_grid, load_checkpoint,
                    load_episode, pick_device, plain, run_main, save_checkpoint, seed_everything, split_episodes)
-from utils_rl import collect_episodes
+from utils_rl import find_or_collect_episodes
 
 
 @dataclass
@@ -111,19 +111,6 @@ def validation_frames(paths: list[Path], count: int) -> np.ndarray:
     return frames[np.linspace(0, len(frames) - 1, min(count, len(frames))).astype(int)]
 
 
-def ensure_episodes(args: Args) -> list[Path]:
-    paths = list_episodes(args.data_dir)
-    if paths:
-        return paths
-    if not args.collect:
-        raise UserError(f"no episodes in {args.data_dir}/rollouts/: run collect_data.py --data-dir {args.data_dir} "
-                        "(or drop --no-collect)")
-    print(f"no episodes in {args.data_dir}: collecting {args.collect_episodes} random ones first")
-    collect_episodes(args.data_dir, range(args.collect_episodes), args.collect_max_steps, args.workers,
-                     args.env_backend, "random")
-    return list_episodes(args.data_dir)
-
-
 def main(args: Args) -> None:
     seed_everything(args.seed)
     device = pick_device(args.device)
@@ -150,7 +137,8 @@ def main(args: Args) -> None:
         print(f"{latest_path} has already trained {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
         return
 
-    lengths = episode_lengths(ensure_episodes(args))
+    lengths = episode_lengths(find_or_collect_episodes(args.data_dir, args.collect, args.collect_episodes,
+                                                       args.collect_max_steps, args.workers, args.env_backend))
     train_paths, val_paths = split_episodes(sorted(lengths), args.val_percent)
     if not lengths:
         raise UserError(f"no readable episode in {args.data_dir}/rollouts/")

@@ -326,7 +326,93 @@ def load_vae(path: Path, device="cpu"):
     return model.to(device).eval(), checkpoint
 
 
+def load_world_model(path: Path, device="cpu"):
+    """The world model of a checkpoint, rebuilt from its stored config, in eval mode: (model, checkpoint)."""
+    from world_model import WorldModelConfig, build_world_model
+
+    checkpoint = load_checkpoint(path, map_location=device, stage_hint="train_world_model.py")
+    try:
+        model = build_world_model(WorldModelConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as error:
+        raise UserError(f"checkpoint {path} is not a world model checkpoint ({type(error).__name__}); "
+                        "run train_world_model.py")
+    return model.to(device).eval(), checkpoint
+
+
+def load_vae_and_world_model(ckpt_dir: Path, device="cpu"):
+    """VAE and world model of a checkpoint dir, checked to belong together: (vae, world_model, wm_checkpoint)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint dir {ckpt_dir} not found")
+    vae, _ = load_vae(ckpt_dir / "vae.pt", device)
+    world_model, checkpoint = load_world_model(ckpt_dir / "world_model.pt", device)
+    if checkpoint["vae"]["sha256"] != file_sha256(ckpt_dir / "vae.pt"):
+        raise UserError(f"{ckpt_dir / 'world_model.pt'} was trained on another VAE than {ckpt_dir / 'vae.pt'}: "
+                        "re-run train_world_model.py")
+    return vae, world_model, checkpoint
+
+
 def frames_grid(rows: Sequence[np.ndarray], scale: int = 2) -> np.ndarray:
     """Rows of (N, H, W, 3) uint8 frames -> one uint8 image, rows stacked, upscaled for viewing."""
     image = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
     return np.kron(image, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else image
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+LATENT_KEYS = ("mu", "logvar", "action", "reward", "terminated", "truncated", "vae_sha256")
+
+
+def latent_cache_path(data_dir: Path, vae_sha256: str, episode: Path) -> Path:
+    """Latents of an episode under DATA_DIR/latents/<VAE hash>/<source>/: a new VAE gets a new cache."""
+    episode = Path(episode)
+    return Path(data_dir) / "latents" / vae_sha256[:16] / episode.parent.name / episode.name
+
+
+def load_latent_episode(path: Path, vae_sha256: str | None = None, warn: bool = True) -> dict | None:
+    """A cached latent episode, or None (with a warning if `warn`) when unreadable or made by another VAE."""
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in LATENT_KEYS}
+        if vae_sha256 is not None and str(arrays["vae_sha256"]) != vae_sha256:
+            raise ValueError("made by another VAE")
+        if arrays["mu"].shape != arrays["logvar"].shape or len(arrays["mu"]) != len(arrays["reward"]):
+            raise ValueError(f"inconsistent shapes {arrays['mu'].shape} {arrays['reward'].shape}")
+        return arrays
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        if warn:
+            warnings.warn(f"skipping latent file {path}: {type(error).__name__}: {error}", stacklevel=2)
+        return None
+
+
+def encode_episodes(vae, vae_sha256: str, episodes: Sequence[Path], data_dir: Path, device="cpu",
+                    batch_size: int = 512, progress: bool = True) -> dict[Path, Path]:
+    """Encode each episode's frames once into (mu, logvar), cached per VAE; returns {episode: cache file}.
+
+    Files already cached by this VAE are reused; missing, damaged or foreign ones are (re)built, one
+    atomic file per episode, so a killed encode resumes where it stopped.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from conv_vae import ConvVAE
+
+    cached = {path: latent_cache_path(data_dir, vae_sha256, path) for path in episodes}
+    missing = [path for path, cache in cached.items()
+               if not (cache.exists() and load_latent_episode(cache, vae_sha256, warn=False) is not None)]
+    for path in tqdm(missing, desc="encode latents", unit="ep", disable=not progress or not missing,
+                     dynamic_ncols=True):
+        episode = load_episode(path)
+        if episode is None:
+            continue
+        mus, logvars = [], []
+        with torch.no_grad():
+            for start in range(0, len(episode["obs"]), batch_size):
+                frames = torch.from_numpy(episode["obs"][start:start + batch_size]).to(device)
+                mu, logvar = vae.encode(ConvVAE.to_input(frames))
+                mus.append(mu.cpu().numpy()), logvars.append(logvar.cpu().numpy())
+        arrays = {"mu": np.concatenate(mus), "logvar": np.concatenate(logvars), "vae_sha256": np.array(vae_sha256),
+                  **{key: episode[key] for key in ("action", "reward", "terminated", "truncated")}}
+        atomic_write(cached[path], lambda f: np.savez(f, **arrays))
+    return {path: cache for path, cache in cached.items() if cache.exists()}

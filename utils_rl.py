@@ -15,13 +15,16 @@ from typing import Sequence
 
 import gymnasium as gym
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from utils import UserError, episode_dir, episode_path, is_complete_npz, preprocess_frame, save_episode
+from utils import (UserError, episode_dir, episode_path, is_complete_npz, list_episodes, preprocess_frame,
+                   save_episode)
 
 ENV_ID = "CarRacing-v3"
 BACKENDS = ("fast", "gymnasium", "envpool")
 ENVPOOL_INSTALL = "pip install envpool==1.2.5"
+ACTION_LOW, ACTION_HIGH = np.array([-1.0, 0.0, 0.0], np.float32), np.ones(3, np.float32)  # CarRacing's action box
 
 
 # ----------------------------------------------------------------------------- environments
@@ -43,7 +46,7 @@ class EnvPoolCarRacing(gym.Env):
         self._envpool = envpool
         self.max_episode_steps = max_episode_steps
         self.observation_space = gym.spaces.Box(0, 255, (96, 96, 3), np.uint8)
-        self.action_space = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.ones(3, np.float32))
+        self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
         self._pool = None
         self._next_seed = 0
 
@@ -266,3 +269,152 @@ def _update_bar(bar, counter, summaries: list[dict]) -> None:
     if summaries:
         bar.set_postfix(episodes=len(summaries), mean_return=f"{np.mean([s['return'] for s in summaries]):.1f}",
                         refresh=False)
+
+
+def find_or_collect_episodes(data_dir: Path, collect: bool, episodes: int, max_steps: int = 1000, workers: int = 2,
+                             backend: str = "fast") -> list[Path]:
+    """The episodes under data_dir; with none there, collect `episodes` random ones first (if `collect`)."""
+    paths = list_episodes(data_dir)
+    if paths:
+        return paths
+    if not collect:
+        raise UserError(f"no episodes in {data_dir}/rollouts/: run collect_data.py --data-dir {data_dir} "
+                        "(or drop --no-collect)")
+    print(f"no episodes in {data_dir}: collecting {episodes} random ones first")
+    collect_episodes(data_dir, range(episodes), max_steps, workers, backend, "random")
+    return list_episodes(data_dir)
+
+
+# ----------------------------------------------------------------------------- the dream
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, constant: int):
+    """(x * constant) mod 2**32 for int64 tensors holding 32-bit values, without int64 overflow."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _hash32(x):
+    """A 32-bit integer mixer (lowbias32) on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds, steps, count: int):
+    """Uniform noise in (0, 1), (B, count) float32, a pure function of (seed, step, draw index) per env.
+
+    A dream's randomness then depends only on its own seed and step, never on which other dreams
+    share its batch: B single envs reproduce a batch of B exactly, and candidates evaluated on the same
+    seeds see the same noise (common random numbers for CMA-ES).
+    """
+    key = _hash32(_hash32(seeds & _MASK32) ^ (steps & _MASK32))
+    bits = _hash32(key.unsqueeze(-1) ^ _hash32(torch.arange(count, device=seeds.device) + 0x9E3779B9))
+    return ((bits.double() + 0.5) / 2.0**32).float()
+
+
+def box_muller(uniform):
+    """Standard normal noise (B, n) from uniform noise (B, 2n)."""
+    n = uniform.shape[-1] // 2
+    return torch.sqrt(-2 * torch.log(uniform[:, :n])) * torch.cos(2 * torch.pi * uniform[:, n:2 * n])
+
+
+class BatchedDream:
+    """B CarRacing dreams inside a world model, stepped together as tensors.
+
+    Observation: [z, h] (B, latent + hidden), the controller's input. A dream starts from the latent
+    of a real episode start (a bank stored in the world-model checkpoint), drawn with the env's seed.
+    Each step feeds [z, action] to the model, samples the next z with the temperature, and returns
+    the predicted reward and done (probability > 0.5); it truncates at `max_steps`. Finished envs are
+    restarted by the caller with `reset(seeds, mask)`.
+    """
+
+    def __init__(self, world_model, start_mu, start_logvar, num_envs: int, temperature: float = 1.0,
+                 max_steps: int = 1000, device="cpu"):
+        self.model, self.device = world_model, torch.device(device)
+        self.start_mu, self.start_logvar = start_mu.to(self.device), start_logvar.to(self.device)
+        self.num_envs, self.temperature, self.max_steps = num_envs, temperature, max_steps
+        self.latent_dim = world_model.config.latent_dim
+        self.obs_dim = self.latent_dim + world_model.config.hidden_dim
+        self.seeds = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+        self.t = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+        self.z = torch.zeros(num_envs, self.latent_dim, device=self.device)
+        self.state = world_model.initial_state(num_envs, self.device)
+        self.action_low = torch.from_numpy(ACTION_LOW).to(self.device)
+        self.action_high = torch.from_numpy(ACTION_HIGH).to(self.device)
+
+    def observation(self):
+        return torch.cat([self.z, self.model.features(self.state)], -1)
+
+    def reset(self, seeds, mask=None):
+        """(Re)start the envs where `mask` (all if None) with the given seeds (B,); returns the observation."""
+        seeds = torch.as_tensor(seeds, dtype=torch.int64, device=self.device)
+        mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) if mask is None else mask
+        start = torch.full_like(seeds, -1)  # step -1: the draws that pick and sample the start latent
+        uniform = counter_uniform(seeds, start, 1 + 2 * self.latent_dim)
+        pick = (uniform[:, 0] * len(self.start_mu)).long().clamp(max=len(self.start_mu) - 1)
+        z = self.start_mu[pick] + torch.exp(0.5 * self.start_logvar[pick]) * box_muller(uniform[:, 1:])
+        self.seeds = torch.where(mask, seeds, self.seeds)
+        self.t = torch.where(mask, torch.zeros_like(self.t), self.t)
+        self.z = torch.where(mask[:, None], z, self.z)
+        self.state = torch.where(mask[:, None], self.model.initial_state(self.num_envs, self.device), self.state)
+        return self.observation()
+
+    def step(self, action):
+        """action (B, 3) -> observation (B, obs_dim), reward (B,), terminated (B,), truncated (B,)."""
+        with torch.no_grad():
+            action = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+            action = torch.maximum(torch.minimum(action, self.action_high), self.action_low)
+            pred, self.state = self.model.step(self.z, action, self.state)
+            uniform = counter_uniform(self.seeds, self.t, 3 * self.latent_dim)  # component picks, then Gaussian noise
+            self.z = self.model.sample_next(pred, self.temperature, uniform[:, :self.latent_dim],
+                                            box_muller(uniform[:, self.latent_dim:]))
+            self.t += 1
+            terminated = pred.done_logit > 0  # probability > 0.5
+            truncated = (self.t >= self.max_steps) & ~terminated
+            return self.observation(), pred.reward, terminated, truncated
+
+
+class DreamEnv(gym.Env):
+    """One dream as a Gymnasium env (`DreamCarRacing-v0`), built from a checkpoint dir alone.
+
+    `gymnasium.make("DreamCarRacing-v0", ckpt_dir=DIR)`; observation [z, h]; the CarRacing action;
+    `render()` decodes z to a 64x64 frame. The same step function as BatchedDream (it is one, B=1).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, ckpt_dir: str = "checkpoints", temperature: float = 1.0, max_steps: int = 1000,
+                 render_mode: str | None = None, device: str = "cpu"):
+        from utils import load_vae_and_world_model
+
+        self.vae, model, checkpoint = load_vae_and_world_model(Path(ckpt_dir), device)
+        bank = checkpoint["start_bank"]
+        self.dream = BatchedDream(model, bank["mu"], bank["logvar"], 1, temperature, max_steps, device)
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.dream.obs_dim,), np.float32)
+        self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        dream_seed = int(self.np_random.integers(2**31))  # derived from `seed`, so a seeded reset repeats
+        return self.dream.reset([dream_seed])[0].cpu().numpy(), {}
+
+    def step(self, action):
+        obs, reward, terminated, truncated = self.dream.step(np.asarray(action, np.float32)[None])
+        return obs[0].cpu().numpy(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        with torch.no_grad():
+            frame = self.vae.decode(self.dream.z)[0].permute(1, 2, 0).clamp(0, 1)
+        return (frame * 255).round().byte().cpu().numpy()
+
+
+gym.register("DreamCarRacing-v0", entry_point=DreamEnv)

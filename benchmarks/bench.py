@@ -8,7 +8,8 @@ Rows:
 - gymnasium AsyncVectorEnv with 2 envs (the alternative to our process pool, random actions);
 - collection steps/s through the real path (`collect_episodes`: policy, preprocessing, compressed
   episode files) with 1 and 2 worker processes, per backend;
-- ConvVAE training img/s on uint8 batches already in memory vs streamed from episode files.
+- ConvVAE training img/s on uint8 batches already in memory vs streamed from episode files;
+- batched dream stepping (env steps/s) and world-model training (sequence steps/s), GRU and MDN-RNN.
 Run it on an otherwise idle machine: two cores are easily disturbed.
 """
 
@@ -28,9 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from conv_vae import ConvVAE, ConvVAEConfig  # noqa: E402
+import train_world_model  # noqa: E402
 from train_vae import train_step  # noqa: E402
 from utils import FrameStream, list_episodes, run_main  # noqa: E402
-from utils_rl import BACKENDS, collect_episodes, make_env  # noqa: E402
+from utils_rl import BACKENDS, BatchedDream, collect_episodes, make_env  # noqa: E402
+from world_model import WorldModelConfig, build_world_model  # noqa: E402
 
 
 @dataclass
@@ -44,6 +47,11 @@ class Args:
     """timed VAE training steps per measurement (after 3 warm-up steps)"""
     batch_size: int = 128
     backends: tuple[str, ...] = BACKENDS
+    dream_envs: int = 1024
+    """batch of dreams stepped together"""
+    dream_steps: int = 200
+    wm_batches: int = 6
+    """timed world-model training batches (16 sequences of 1000 steps each)"""
     long_run_episodes: int = 0
     """if > 0: also time this many full episodes with 2 workers on stock vs fast (an evaluation-sized run)"""
     out: Path | None = None
@@ -93,12 +101,48 @@ def vae_img_per_s(batches, model: ConvVAE, batch_size: int, count: int) -> float
     return count * batch_size / (time.perf_counter() - start)
 
 
+def dream_steps_per_s(arch: str, num_envs: int, steps: int) -> float:
+    model = build_world_model(WorldModelConfig(arch=arch)).eval()
+    dream = BatchedDream(model, torch.zeros(8, 32), torch.zeros(8, 32), num_envs, temperature=1.0)
+    dream.reset(torch.arange(num_envs))
+    action = torch.rand(num_envs, 3)
+    dream.step(action)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        dream.step(action)
+    return num_envs * steps / (time.perf_counter() - start)
+
+
+def world_model_train_steps_per_s(arch: str, batches: int) -> float:
+    """Sequence steps/s of train_world_model's own batch, loss and update, on random latents."""
+    model = build_world_model(WorldModelConfig(arch=arch))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_args = train_world_model.Args(arch=arch)
+    rng = np.random.default_rng(0)
+    episodes = [{"mu": rng.normal(size=(1000, 32)).astype(np.float32), "logvar": np.full((1000, 32), -3, np.float32),
+                 "action": rng.random((1000, 3), np.float32), "reward": rng.normal(size=1000).astype(np.float32),
+                 "terminated": np.zeros(1000, bool)} for _ in range(16)]
+    steps, elapsed = 0, 0.0
+    for index in range(batches + 1):
+        start = time.perf_counter()
+        batch = train_world_model.make_batch(episodes, 1000, rng, "cpu")
+        _, losses = train_world_model.model_loss(model, batch, train_args)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if index:  # the first batch is a warm-up
+            elapsed += time.perf_counter() - start
+            steps += int(batch["step_mask"].sum())
+    return steps / elapsed
+
+
 def main(args: Args) -> None:
     torch.manual_seed(0)
-    rows: list[tuple[str, str, float]] = []
+    rows: list[tuple[str, str, float, str]] = []
 
     def record(what: str, how: str, value: float, unit: str) -> None:
-        rows.append((what, how, value))
+        rows.append((what, how, value, unit))
         print(f"  {what} [{how}]: {value:.0f} {unit}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,20 +169,23 @@ def main(args: Args) -> None:
         cycled = (in_memory[i % len(in_memory)] for i in range(10**9))
         memory_rate = vae_img_per_s(cycled, model, args.batch_size, args.vae_batches)
         record("ConvVAE training, uint8 batches in memory", f"batch {args.batch_size}", memory_rate, "img/s")
-        paths = list_episodes(Path(tmp) / "gymnasium-2")
+        paths = list_episodes(Path(tmp) / f"{args.backends[0]}-2")
         streamed = (batch for _ in range(10**6) for batch in FrameStream(paths, args.batch_size, buffer_episodes=2))
         stream_rate = vae_img_per_s(streamed, model, args.batch_size, args.vae_batches)
         record("ConvVAE training, streamed from episode files", f"batch {args.batch_size}", stream_rate, "img/s")
+        for arch in ("gru", "mdn"):
+            record(f"dream stepping ({arch}), env steps/s", f"B={args.dream_envs}",
+                   dream_steps_per_s(arch, args.dream_envs, args.dream_steps), "steps/s")
+            record(f"world model training ({arch}), sequence steps/s", "16 x 1000 steps",
+                   world_model_train_steps_per_s(arch, args.wm_batches), "steps/s")
 
     print(f"\nmachine: {torch.get_num_threads()} torch threads, torch {torch.__version__}, gymnasium {gym.__version__}\n")
     print("| what | how | throughput |\n|---|---|---|")
-    units = ["img/s" if "ConvVAE" in what else "s" if "seconds" in what else "steps/s" for what, _, _ in rows]
-    for (what, how, value), unit in zip(rows, units):
+    for what, how, value, unit in rows:
         print(f"| {what} | {how} | {value:.0f} {unit} |")
     print(f"\nstreamed / in-memory VAE training: {stream_rate / memory_rate:.1%}")
     if args.out:
-        args.out.write_text(json.dumps([{"what": w, "how": h, "value": v, "unit": u}
-                                        for (w, h, v), u in zip(rows, units)], indent=2))
+        args.out.write_text(json.dumps([{"what": w, "how": h, "value": v, "unit": u} for w, h, v, u in rows], indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,207 @@
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import utils_rl  # noqa: F401  (registers DreamCarRacing-v0)
+from conftest import make_episode, run_script
+from conv_vae import ConvVAE, ConvVAEConfig
+from utils import (UserError, checkpoint_identity, encode_episodes, episode_path, latent_cache_path,
+                   load_latent_episode, load_vae_and_world_model, save_checkpoint, save_episode)
+from utils_rl import BatchedDream
+from world_model import MDNRNN, WorldModelConfig, WorldModelGRU, build_world_model
+
+TINY = {"latent_dim": 4, "hidden_dim": 16, "num_mixtures": 3}
+
+
+@pytest.mark.parametrize("arch", ["gru", "mdn"])
+def test_stepping_a_sequence_equals_the_sequence_forward(arch):
+    torch.manual_seed(0)
+    model = build_world_model(WorldModelConfig(arch=arch, **TINY))
+    assert isinstance(model, {"gru": WorldModelGRU, "mdn": MDNRNN}[arch])
+    z, action = torch.randn(3, 9, 4), torch.rand(3, 9, 3)
+    pred, final = model(z, action)
+    k = 1 if arch == "gru" else 3
+    assert pred.mu.shape == pred.log_sigma.shape == pred.logit_pi.shape == (3, 9, 4, k)
+    assert pred.reward.shape == pred.done_logit.shape == (3, 9)
+    state = model.initial_state(3)
+    assert state.shape == (3, 16 if arch == "gru" else 32)
+    steps = []
+    for t in range(9):
+        step_pred, state = model.step(z[:, t], action[:, t], state)
+        steps.append(step_pred)
+    for name in pred._fields:
+        stepped = torch.stack([getattr(p, name) for p in steps], 1)
+        torch.testing.assert_close(stepped, getattr(pred, name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, final, atol=1e-5, rtol=1e-5)
+    assert model.features(state).shape == (3, 16)
+
+
+def test_mdn_loss_matches_torch_distributions():
+    torch.manual_seed(1)
+    model = build_world_model(WorldModelConfig(arch="mdn", **TINY))
+    pred, _ = model(torch.randn(2, 5, 4), torch.rand(2, 5, 3))
+    target = torch.randn(2, 5, 4)
+    mixture = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=pred.logit_pi),
+        torch.distributions.Normal(pred.mu, pred.log_sigma.exp()))
+    reference = mixture.log_prob(target)  # (2, 5, 4)
+    torch.testing.assert_close(model.z_log_prob(pred, target), reference, atol=1e-5, rtol=1e-5)
+    ones = torch.ones(2, 5)
+    losses = model.loss(pred, target, torch.zeros(2, 5), torch.zeros(2, 5), ones, ones)
+    torch.testing.assert_close(losses["z_nll"], -reference.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_reward_overshoot_weight_punishes_overshooting_more():
+    model = build_world_model(WorldModelConfig(arch="gru", **TINY))
+    pred, _ = model(torch.randn(1, 4, 4), torch.rand(1, 4, 3))
+    ones = torch.ones(1, 4)
+    z = torch.randn(1, 4, 4)
+    below = model.loss(pred, z, pred.reward.detach() - 1, ones * 0, ones, ones, reward_overshoot_weight=4)["reward"]
+    above = model.loss(pred, z, pred.reward.detach() + 1, ones * 0, ones, ones, reward_overshoot_weight=4)["reward"]
+    assert below.item() == pytest.approx(4 * above.item())  # target below prediction = overshoot
+
+
+def test_temperature_changes_the_spread_of_samples():
+    torch.manual_seed(2)
+    model = build_world_model(WorldModelConfig(arch="mdn", **TINY))
+    pred, _ = model.step(torch.zeros(1, 4), torch.zeros(1, 3), model.initial_state(1))
+    pred = pred._replace(**{name: getattr(pred, name).expand(4000, *getattr(pred, name).shape[1:])
+                            for name in ("logit_pi", "mu", "log_sigma")})
+    spread = {}
+    for tau in (0.0, 0.3, 1.0, 1.5):
+        samples = model.sample_next(pred, tau, torch.rand(4000, 4), torch.randn(4000, 4))
+        spread[tau] = samples.std(0).mean().item()
+    assert spread[0.0] == 0.0 and spread[0.3] < spread[1.0] < spread[1.5]
+
+
+@pytest.mark.parametrize("arch", ["gru", "mdn"])
+def test_a_tiny_training_run_lowers_the_loss(arch):
+    torch.manual_seed(3)
+    model = build_world_model(WorldModelConfig(arch=arch, **TINY))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    t = torch.arange(30, dtype=torch.float32)
+    z = torch.stack([torch.sin(t / 3 + i) for i in range(4)], -1).expand(4, 30, 4)  # a predictable sequence
+    action, ones = torch.zeros(4, 29, 3), torch.ones(4, 29)
+    reward, done = torch.full((4, 29), 0.5), torch.zeros(4, 29)
+    losses = []
+    for _ in range(60):
+        pred, _ = model(z[:, :-1], action)
+        loss = model.loss(pred, z[:, 1:], reward, done, ones, ones)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+def make_checkpoint_dir(tmp_path, arch="gru"):
+    """A tiny VAE and world model saved the way the stages save them."""
+    torch.manual_seed(4)
+    ckpt = tmp_path / "ckpt"
+    vae = ConvVAE(ConvVAEConfig(latent_dim=4, channels=(8, 8, 8, 8)))
+    save_checkpoint(ckpt / "vae.pt", {"config": {"latent_dim": 4, "channels": [8, 8, 8, 8], "kl_tolerance": 0.5},
+                                      "state_dict": vae.state_dict()})
+    config = WorldModelConfig(arch=arch, **TINY)
+    model = build_world_model(config)
+    save_checkpoint(ckpt / "world_model.pt", {
+        "config": {"arch": arch, "latent_dim": 4, "action_dim": 3, "hidden_dim": 16, "num_mixtures": 3},
+        "state_dict": model.state_dict(), "vae": checkpoint_identity(ckpt / "vae.pt"),
+        "start_bank": {"mu": torch.randn(5, 4), "logvar": torch.full((5, 4), -2.0)}})
+    return ckpt
+
+
+def test_dream_env_passes_check_env_and_renders(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    env = gym.make("DreamCarRacing-v0", ckpt_dir=str(ckpt), render_mode="rgb_array", max_steps=20)
+    check_env(env.unwrapped, skip_render_check=False)
+    obs, _ = env.reset(seed=3)
+    assert obs.shape == (4 + 16,) and obs.dtype == np.float32
+    obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+    assert isinstance(reward, float) and isinstance(terminated, bool)
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+
+
+@pytest.mark.parametrize("arch", ["gru", "mdn"])
+def test_batched_dream_matches_single_envs_with_the_same_seeds(tmp_path, arch):
+    ckpt = make_checkpoint_dir(tmp_path, arch)
+    _, model, checkpoint = load_vae_and_world_model(ckpt)
+    bank = checkpoint["start_bank"]
+    seeds = [11, 12, 13, 14]
+    actions = torch.rand(25, 4, 3) * torch.tensor([2.0, 1.0, 1.0]) - torch.tensor([1.0, 0.0, 0.0])
+    batched = BatchedDream(model, bank["mu"], bank["logvar"], 4, temperature=1.0, max_steps=20)
+    batch_obs = [batched.reset(seeds)]
+    batch_out = [batched.step(actions[t]) for t in range(25)]
+    for i, seed in enumerate(seeds):
+        single = BatchedDream(model, bank["mu"], bank["logvar"], 1, temperature=1.0, max_steps=20)
+        torch.testing.assert_close(single.reset([seed])[0], batch_obs[0][i])
+        for t in range(25):
+            obs, reward, terminated, truncated = single.step(actions[t, i:i + 1])
+            torch.testing.assert_close(obs[0], batch_out[t][0][i], atol=1e-5, rtol=1e-5)
+            assert reward[0].item() == pytest.approx(batch_out[t][1][i].item(), abs=1e-5)
+            assert bool(truncated[0]) == bool(batch_out[t][3][i]) == (t + 1 >= 20 and not bool(terminated[0]))
+    assert not torch.equal(batch_out[5][0][0], batch_out[5][0][1]), "different seeds dream differently"
+
+
+def test_dream_env_refuses_a_world_model_of_another_vae(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    vae = ConvVAE(ConvVAEConfig(latent_dim=4, channels=(8, 8, 8, 8)))  # a different VAE in its place
+    save_checkpoint(ckpt / "vae.pt", {"config": {"latent_dim": 4, "channels": [8, 8, 8, 8], "kl_tolerance": 0.5},
+                                      "state_dict": vae.state_dict()})
+    with pytest.raises(UserError, match="trained on another VAE"):
+        load_vae_and_world_model(ckpt)
+
+
+def test_latent_cache_is_reused_and_invalidated(tmp_path):
+    data = tmp_path / "data"
+    paths = [episode_path(data, "random", s) for s in range(2)]
+    for seed, path in enumerate(paths):
+        save_episode(path, make_episode(12, seed))
+    vae = ConvVAE(ConvVAEConfig(latent_dim=4, channels=(8, 8, 8, 8))).eval()
+    cache = encode_episodes(vae, "a" * 64, paths, data, progress=False)
+    assert set(cache) == set(paths) and all(c == latent_cache_path(data, "a" * 64, p) for p, c in cache.items())
+    mtimes = {p: c.stat().st_mtime_ns for p, c in cache.items()}
+    again = encode_episodes(vae, "a" * 64, paths, data, progress=False)
+    assert {p: c.stat().st_mtime_ns for p, c in again.items()} == mtimes, "a valid cache is reused"
+    other = encode_episodes(vae, "b" * 64, paths, data, progress=False)
+    assert all(c.parent.parent.name == "b" * 16 for c in other.values()), "another VAE gets its own cache"
+    damaged = cache[paths[0]]
+    damaged.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping latent file"):
+        assert load_latent_episode(damaged, "a" * 64) is None
+    rebuilt = encode_episodes(vae, "a" * 64, paths, data, progress=False)
+    assert load_latent_episode(rebuilt[paths[0]], "a" * 64) is not None, "a damaged cache file is rebuilt"
+    assert rebuilt[paths[1]].stat().st_mtime_ns == mtimes[paths[1]]
+    with pytest.warns(UserWarning, match="another VAE"):  # a file claiming another VAE is never used
+        assert load_latent_episode(rebuilt[paths[1]], "c" * 64) is None
+
+
+def test_train_world_model_stage_resumes_and_errors(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    (ckpt / "world_model.pt").unlink()
+    data = tmp_path / "data"
+    for seed in range(3):
+        episode = make_episode(30, seed)
+        if seed == 0:
+            episode["terminated"][-1], episode["truncated"][-1] = True, False
+        save_episode(episode_path(data, "random", seed), episode)
+    common = ["train_world_model.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir",
+              str(tmp_path / "runs"), "--hidden-dim", "16", "--num-mixtures", "2", "--batch-size", "2", "--no-collect"]
+    first = run_script(*common, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    assert (ckpt / "world_model.pt").exists() and (ckpt / "world_model_grid.png").exists()
+    second = run_script(*common, "--epochs", "2")
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout and "epoch 2:" in second.stdout and "epoch 1:" not in second.stdout
+    _, model, checkpoint = load_vae_and_world_model(ckpt)
+    metrics = checkpoint["metrics"]
+    assert all(math.isfinite(metrics[k]) for k in ("val_z_nll", "val_z_mse", "val_reward_mae"))
+    assert checkpoint["start_bank"]["mu"].shape[1] == 4
+    env = gym.make("DreamCarRacing-v0", ckpt_dir=str(ckpt))  # the checkpoint dir alone is enough to dream
+    assert env.reset(seed=0)[0].shape == (4 + 16,)
+    missing = run_script("train_world_model.py", "--ckpt-dir", str(tmp_path / "nowhere"), "--data-dir", str(data))
+    assert missing.returncode == 2 and "run train_vae.py" in missing.stderr and "Traceback" not in missing.stderr

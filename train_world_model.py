@@ -1,0 +1,295 @@
+"""Train the world model M (GRU or MDN-RNN) on VAE latents of the collected episodes.
+
+Reads:  CKPT_DIR/vae.pt, DATA_DIR/rollouts/*/ep_*.npz (collects random episodes first if none).
+Writes: DATA_DIR/latents/<VAE hash>/... (each episode encoded once per VAE: mu, logvar; reused
+        while the VAE is unchanged, rebuilt when it changes, resumed when killed),
+        CKPT_DIR/world_model.pt (best validation loss; carries the VAE's identity and a bank of real
+        start latents, so the checkpoint dir alone is enough to dream), CKPT_DIR/world_model_latest.pt
+        (every epoch, with the optimizer: re-running resumes), CKPT_DIR/world_model_grid.png (real |
+        VAE reconstruction | open-loop dream), TensorBoard logs under LOG_DIR/world_model-<time>/.
+
+Training draws z from N(mu, sigma) per batch and trains on windows of SEQ_LEN steps (whole episodes
+at the default 1000) with a train/validation split by episode and gradient clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils import (UserError, checkpoint_identity, encode_episodes, frames_grid, load_checkpoint, load_episode,
+                   load_latent_episode, load_vae, pick_device, plain, run_main, save_checkpoint, seed_everything,
+                   split_episodes)
+from utils_rl import BatchedDream, find_or_collect_episodes
+from world_model import RecurrentWorldModel, WorldModelConfig, build_world_model
+
+
+@dataclass
+class Args:
+    data_dir: Path = Path("data")
+    """episodes are read from DATA_DIR/rollouts/*/, latents cached in DATA_DIR/latents/"""
+    ckpt_dir: Path = Path("checkpoints")
+    """reads vae.pt, writes world_model.pt and world_model_latest.pt"""
+    log_dir: Path = Path("runs")
+    arch: Literal["gru", "mdn"] = "mdn"
+    """gru: GRU + a Gaussian over next z; mdn: LSTM + a mixture of Gaussians (the original MDN-RNN)"""
+    epochs: int = 40
+    """total epochs (one pass over the training episodes each); a resumed run trains up to this many"""
+    batch_size: int = 16
+    """sequences per batch"""
+    seq_len: int = 1000
+    """window length; windows start at random offsets in episodes longer than this"""
+    lr: float = 1e-3
+    hidden_dim: int = 256
+    num_mixtures: int = 5
+    reward_overshoot_weight: float = 1.0
+    """> 1 punishes predicting more reward than was received more than predicting less"""
+    done_pos_weight: float = 10.0
+    """weight of the rare done=1 steps in the done loss"""
+    grad_clip: float = 1.0
+    val_percent: float = 5.0
+    start_bank_size: int = 64
+    """real episode-start latents stored in the checkpoint for dreams to start from"""
+    temperature: float = 1.0
+    """sampling temperature of the dream in the grid picture"""
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    fresh: bool = False
+    """ignore world_model_latest.pt and start over"""
+    collect: bool = True
+    """collect random episodes first when DATA_DIR has none"""
+    collect_episodes: int = 200
+    collect_max_steps: int = 1000
+    workers: int = 1
+    """collection worker processes (train_world_model_parallel.py uses every core)"""
+    env_backend: str = "fast"
+
+
+def load_latents(cache: dict[Path, Path], vae_sha256: str) -> dict[Path, dict]:
+    """{episode file: its cached latents and labels}, for every readable cache file."""
+    episodes = {}
+    for episode_path, cache_path in cache.items():
+        episode = load_latent_episode(cache_path, vae_sha256)
+        if episode is not None:
+            episodes[episode_path] = {key: episode[key] for key in ("mu", "logvar", "action", "reward", "terminated")}
+    return episodes
+
+
+def make_batch(episodes: list[dict], seq_len: int, rng: np.random.Generator, device) -> dict[str, torch.Tensor]:
+    """Windows of up to seq_len steps (random offsets), padded to the longest, with masks.
+
+    Step t feeds (z_t, a_t) and is scored on z_{t+1}, reward_t and terminated_t; `z_mask` drops the
+    last step of an episode (no next frame) and `step_mask` the padding.
+    """
+    length = min(seq_len, max(len(ep["reward"]) for ep in episodes))
+    keys = ("mu", "logvar", "action")
+    batch = {key: np.zeros((len(episodes), length + 1, episodes[0][key].shape[1]), np.float32) for key in keys}
+    for key in ("reward", "terminated", "step_mask", "z_mask"):
+        batch[key] = np.zeros((len(episodes), length), np.float32)
+    for row, ep in enumerate(episodes):
+        steps = len(ep["reward"])
+        start = int(rng.integers(0, steps - seq_len + 1)) if steps > seq_len else 0
+        take = min(length, steps - start)
+        for key in keys:
+            batch[key][row, :take] = ep[key][start:start + take]
+            if start + take < steps:  # the window ends before the episode: its next latent is known
+                batch[key][row, take] = ep[key][start + take]
+        batch["reward"][row, :take] = ep["reward"][start:start + take]
+        batch["terminated"][row, :take] = ep["terminated"][start:start + take]
+        batch["step_mask"][row, :take] = 1
+        batch["z_mask"][row, :take] = 1
+        if start + take == steps:
+            batch["z_mask"][row, take - 1] = 0
+    return {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
+
+
+def model_loss(model: RecurrentWorldModel, batch: dict, args: Args, sample: bool = True):
+    """Predictions and losses on a batch; z drawn from N(mu, sigma) (or mu if not `sample`)."""
+    z = batch["mu"] + torch.exp(0.5 * batch["logvar"]) * torch.randn_like(batch["mu"]) if sample else batch["mu"]
+    pred, _ = model(z[:, :-1], batch["action"][:, :-1])
+    losses = model.loss(pred, z[:, 1:], batch["reward"], batch["terminated"], batch["step_mask"], batch["z_mask"],
+                        args.reward_overshoot_weight, args.done_pos_weight)
+    return pred, losses
+
+
+@torch.no_grad()
+def validate(model: RecurrentWorldModel, episodes: list[dict], args: Args, device) -> dict[str, float]:
+    """Per-head figures on whole validation episodes, deterministic (z = mu)."""
+    model.eval()
+    totals = {"z_nll": 0.0, "z_mse": 0.0, "reward_mae": 0.0, "loss": 0.0}
+    true_pos = pred_pos = actual_pos = z_steps = steps = 0
+    for start in range(0, len(episodes), args.batch_size):
+        batch = make_batch(episodes[start:start + args.batch_size], 10**9, np.random.default_rng(0), device)
+        pred, losses = model_loss(model, batch, args, sample=False)
+        step_mask, z_mask = batch["step_mask"], batch["z_mask"]
+        n_steps, n_z = step_mask.sum().item(), z_mask.sum().item()
+        totals["loss"] += losses["loss"].item() * n_steps
+        totals["z_nll"] += losses["z_nll"].item() * n_z
+        z_error = (model.mixture_mean(pred) - batch["mu"][:, 1:]).pow(2).mean(-1)
+        totals["z_mse"] += (z_error * z_mask).sum().item()
+        totals["reward_mae"] += ((pred.reward - batch["reward"]).abs() * step_mask).sum().item()
+        predicted, actual = (pred.done_logit > 0) & (step_mask > 0), batch["terminated"] > 0
+        true_pos += (predicted & actual).sum().item()
+        pred_pos += predicted.sum().item()
+        actual_pos += actual.sum().item()
+        z_steps, steps = z_steps + n_z, steps + n_steps
+    model.train()
+    return {"loss": totals["loss"] / steps, "z_nll": totals["z_nll"] / z_steps, "z_mse": totals["z_mse"] / z_steps,
+            "reward_mae": totals["reward_mae"] / steps, "dones": actual_pos,
+            "done_precision": true_pos / pred_pos if pred_pos else math.nan,
+            "done_recall": true_pos / actual_pos if actual_pos else math.nan}
+
+
+@torch.no_grad()
+def dream_grid(vae, model: RecurrentWorldModel, episode_path: Path, start_bank: dict, temperature: float,
+               device, columns: int = 12, every: int = 10, start: int = 60) -> np.ndarray:
+    """Rows: real frames | VAE reconstructions | the world model's open-loop dream fed the same actions.
+
+    The dream starts from the real latent at `start` (after the opening zoom), warmed up on the real
+    latents before it, then runs on its own samples.
+    """
+    episode = load_episode(episode_path)
+    start = min(start, max(0, len(episode["obs"]) - columns * every - 1))
+    steps = min(columns * every, len(episode["obs"]) - start - 1)
+    frames = torch.from_numpy(episode["obs"][:start + steps + 1]).to(device)
+    mu, _ = vae.encode(vae.to_input(frames))
+    actions = torch.from_numpy(episode["action"]).to(device)
+    dream = BatchedDream(model, start_bank["mu"], start_bank["logvar"], 1, temperature, 10**9, device)
+    dream.reset([0])
+    for t in range(start):  # warm h up on the real latents
+        _, dream.state = model.step(mu[t:t + 1], actions[t:t + 1], dream.state)
+    dream.z = mu[start:start + 1]
+    dreamed = []
+    for t in range(start, start + steps):
+        dream.step(actions[t:t + 1])
+        dreamed.append(dream.z)
+    picks = list(range(every - 1, steps, every))
+    to_image = lambda x: (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()  # noqa: E731
+    real = episode["obs"][[start + 1 + i for i in picks]]
+    recon = to_image(vae.decode(mu[[start + 1 + i for i in picks]]))
+    dreamt = to_image(vae.decode(torch.cat([dreamed[i] for i in picks])))
+    return frames_grid([real, recon, dreamt], scale=2)
+
+
+def main(args: Args) -> None:
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.epochs < 1 or args.batch_size < 1 or args.seq_len < 2:
+        raise UserError("--epochs and --batch-size must be at least 1, --seq-len at least 2")
+    vae_path = args.ckpt_dir / "vae.pt"
+    vae, _ = load_vae(vae_path, device)
+    vae_id = checkpoint_identity(vae_path)
+    config = WorldModelConfig(arch=args.arch, latent_dim=vae.config.latent_dim, hidden_dim=args.hidden_dim,
+                              num_mixtures=args.num_mixtures)
+    model = build_world_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    latest_path, best_path = args.ckpt_dir / "world_model_latest.pt", args.ckpt_dir / "world_model.pt"
+
+    start_epoch, best_val = 0, math.inf
+    log_dir = args.log_dir / f"world_model-{time.strftime('%Y%m%d-%H%M%S')}"
+    if latest_path.exists() and not args.fresh:
+        checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint="train_world_model.py --fresh")
+        if checkpoint["vae"]["sha256"] != vae_id["sha256"]:
+            raise UserError(f"{latest_path} was trained on another VAE than {vae_path}: re-run with --fresh")
+        if checkpoint["config"] != plain(config):
+            raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
+                            "use the same sizes or --fresh")
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, best_val, log_dir = checkpoint["epoch"], checkpoint["best_val_loss"], Path(checkpoint["log_dir"])
+        print(f"resuming from {latest_path}: epoch {start_epoch}, best val loss {best_val:.4f}")
+    if start_epoch >= args.epochs:
+        print(f"{latest_path} has already trained {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
+        return
+
+    print(f"VAE {vae_path} (sha256 {vae_id['sha256'][:16]})")
+    episode_paths = find_or_collect_episodes(args.data_dir, args.collect, args.collect_episodes,
+                                             args.collect_max_steps, args.workers, args.env_backend)
+    cache = encode_episodes(vae, vae_id["sha256"], episode_paths, args.data_dir, device)
+    latents = load_latents(cache, vae_id["sha256"])
+    if not latents:
+        raise UserError(f"no readable episode in {args.data_dir}/rollouts/")
+    train_paths, val_paths = split_episodes(sorted(latents), args.val_percent)
+    train_eps, val_eps = [latents[p] for p in train_paths], [latents[p] for p in val_paths]
+    bank_eps = train_eps[:: max(1, len(train_eps) // args.start_bank_size)][:args.start_bank_size]
+    start_bank = {"mu": torch.from_numpy(np.stack([ep["mu"][0] for ep in bank_eps])),
+                  "logvar": torch.from_numpy(np.stack([ep["logvar"][0] for ep in bank_eps]))}
+    train_steps = sum(len(ep["reward"]) for ep in train_eps)
+    print(f"data: {len(train_eps)} train episodes ({train_steps} steps), {len(val_eps)} validation episodes; "
+          f"{config.arch} model, {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
+          f"logs in {log_dir}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    writer.add_text("args", str(plain(args)))
+    rng = np.random.default_rng(args.seed + start_epoch)
+    batches_per_epoch = math.ceil(len(train_eps) / args.batch_size)
+    step = start_epoch * batches_per_epoch
+    bar = tqdm(total=(args.epochs - start_epoch) * batches_per_epoch, desc=f"world model ({config.arch})",
+               unit="batch", dynamic_ncols=True)
+    for epoch in range(start_epoch, args.epochs):
+        order = rng.permutation(len(train_eps))
+        epoch_start, seq_steps, running = time.perf_counter(), 0, []
+        for first in range(0, len(order), args.batch_size):
+            batch = make_batch([train_eps[i] for i in order[first:first + args.batch_size]], args.seq_len, rng, device)
+            _, losses = model_loss(model, batch, args)
+            if not torch.isfinite(losses["loss"]):
+                raise UserError(f"world model loss became {losses['loss'].item()} at epoch {epoch + 1}, step {step}; "
+                                f"the last good checkpoint is {latest_path}")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            seq_steps += int(batch["step_mask"].sum().item())
+            running.append(losses["loss"].item())
+            steps_per_s = seq_steps / (time.perf_counter() - epoch_start)
+            for name, value in losses.items():
+                writer.add_scalar(f"train/{name}", value.item(), step)
+            writer.add_scalar("perf/seq_steps_per_s", steps_per_s, step)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(running[-10:]):.3f}", steps_s=f"{steps_per_s:.0f}",
+                            refresh=False)
+        val = validate(model, val_eps, args, device)
+        for name, value in val.items():
+            writer.add_scalar(f"val/{name}", value, epoch + 1)
+        metrics = {"train_loss": float(np.mean(running)), "seq_steps_per_s": steps_per_s,
+                   **{f"val_{name}": value for name, value in val.items()}}
+        improved = val["loss"] < best_val
+        best_val = min(best_val, val["loss"])
+        checkpoint = {"config": plain(config), "state_dict": model.state_dict(), "args": plain(args),
+                      "epoch": epoch + 1, "metrics": metrics, "best_val_loss": best_val, "log_dir": str(log_dir),
+                      "vae": vae_id, "start_bank": start_bank}
+        if improved:
+            save_checkpoint(best_path, checkpoint)
+        save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict()})
+        bar.write(f"epoch {epoch + 1}: train {metrics['train_loss']:.3f}, val {val['loss']:.3f} (z nll "
+                  f"{val['z_nll']:.3f}, z mse {val['z_mse']:.4f}, reward mae {val['reward_mae']:.3f}, done "
+                  f"precision {val['done_precision']:.2f} recall {val['done_recall']:.2f} of {val['dones']}), "
+                  f"{steps_per_s:.0f} steps/s{'; saved' if improved else ''}")
+    bar.close()
+    writer.close()
+
+    model.load_state_dict(load_checkpoint(best_path, map_location=device)["state_dict"])
+    model.eval()
+    grid = dream_grid(vae, model, val_paths[0], start_bank, args.temperature, device)
+    iio.imwrite(args.ckpt_dir / "world_model_grid.png", grid)
+    print(f"best val loss {best_val:.4f} in {best_path}; real | reconstruction | dream in "
+          f"{args.ckpt_dir / 'world_model_grid.png'}")
+
+
+if __name__ == "__main__":
+    run_main(main, Args, description=__doc__)
