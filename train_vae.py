@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -23,19 +23,13 @@ import torch
 from tqdm import tqdm
 
 from conv_vae import ConvVAE, ConvVAEConfig
-from utils import (FrameStream, UserError, episode_lengths, frames_grid, load_checkpoint,
-                   load_episode, pick_device, plain, run_main, save_checkpoint, seed_everything, split_episodes)
+from utils import (FrameStream, StageArgs, UserError, episode_lengths, frames_grid, load_episode, plain,
+                   resume_checkpoint, run_main, save_checkpoint, setup_stage, split_episodes)
 from utils_rl import find_or_collect_episodes
 
 
 @dataclass
-class Args:
-    data_dir: Path = Path("data")
-    """episodes are read from DATA_DIR/rollouts/*/"""
-    ckpt_dir: Path = Path("checkpoints")
-    """where vae.pt and vae_latest.pt go"""
-    log_dir: Path = Path("runs")
-    """TensorBoard logs go to LOG_DIR/vae-<time>/"""
+class Args(StageArgs):
     epochs: int = 3
     """total epochs (a resumed run trains up to this many)"""
     batch_size: int = 128
@@ -50,22 +44,6 @@ class Args:
     """validation frames evaluated each epoch, evenly spread over the held-out episodes"""
     buffer_episodes: int = 32
     """episodes decompressed and shuffled together: bounds memory (about 12 MB per 1000-step episode)"""
-    seed: int = 0
-    device: str = "auto"
-    """auto, cpu or cuda"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default, one per core)"""
-    fresh: bool = False
-    """ignore vae_latest.pt and start over"""
-    collect: bool = True
-    """collect random episodes first when DATA_DIR has none"""
-    collect_episodes: int = 200
-    """episodes to collect when DATA_DIR is empty"""
-    collect_max_steps: int = 1000
-    workers: int = 2
-    """collection worker processes"""
-    env_backend: str = "fast"
-    """fast (pixel-exact CarRacing-v3, ~2.5x stock), gymnasium (stock) or envpool (approximate clone)"""
 
 
 def train_step(model: ConvVAE, optimizer: torch.optim.Optimizer, frames: np.ndarray, device) -> dict[str, float]:
@@ -112,10 +90,7 @@ def validation_frames(paths: list[Path], count: int) -> np.ndarray:
 
 
 def main(args: Args) -> None:
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_stage(args)
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
     config = ConvVAEConfig(latent_dim=args.latent_dim, kl_tolerance=args.kl_tolerance)
@@ -123,16 +98,9 @@ def main(args: Args) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     latest_path, best_path = args.ckpt_dir / "vae_latest.pt", args.ckpt_dir / "vae.pt"
 
-    start_epoch, best_val, log_dir = 0, math.inf, args.log_dir / f"vae-{time.strftime('%Y%m%d-%H%M%S')}"
-    if latest_path.exists() and not args.fresh:
-        checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint="train_vae.py --fresh")
-        if checkpoint["config"] != plain(config):
-            raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
-                            "use the same sizes or --fresh")
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, best_val, log_dir = checkpoint["epoch"], checkpoint["best_val_loss"], Path(checkpoint["log_dir"])
-        print(f"resuming from {latest_path}: epoch {start_epoch}, best val loss {best_val:.2f}")
+    resumed = resume_checkpoint(latest_path, args, config, model, optimizer, device, "train_vae.py")
+    start_epoch, best_val, log_dir = ((resumed["epoch"], resumed["best_val_loss"], Path(resumed["log_dir"])) if resumed
+                                      else (0, math.inf, args.log_dir / f"vae-{time.strftime('%Y%m%d-%H%M%S')}"))
     if start_epoch >= args.epochs:
         print(f"{latest_path} has already trained {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
         return

@@ -25,20 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import (UserError, checkpoint_identity, encode_episodes, frames_grid, load_checkpoint, load_episode,
-                   load_latent_episode, load_vae, pick_device, plain, run_main, save_checkpoint, seed_everything,
-                   split_episodes)
+from utils import (StageArgs, UserError, checkpoint_identity, encode_episodes, frames_grid, load_checkpoint,
+                   load_episode, load_latent_episode, load_vae, plain, resume_checkpoint, run_main, save_checkpoint,
+                   setup_stage, split_episodes)
 from utils_rl import BatchedDream, find_or_collect_episodes
 from world_model import RecurrentWorldModel, WorldModelConfig, build_world_model
 
 
 @dataclass
-class Args:
-    data_dir: Path = Path("data")
-    """episodes are read from DATA_DIR/rollouts/*/, latents cached in DATA_DIR/latents/"""
-    ckpt_dir: Path = Path("checkpoints")
-    """reads vae.pt, writes world_model.pt and world_model_latest.pt"""
-    log_dir: Path = Path("runs")
+class Args(StageArgs):
     arch: Literal["gru", "mdn"] = "mdn"
     """gru: GRU + a Gaussian over next z; mdn: LSTM + a mixture of Gaussians (the original MDN-RNN)"""
     epochs: int = 40
@@ -60,19 +55,8 @@ class Args:
     """real episode-start latents stored in the checkpoint for dreams to start from"""
     temperature: float = 1.0
     """sampling temperature of the dream in the grid picture"""
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
-    fresh: bool = False
-    """ignore world_model_latest.pt and start over"""
-    collect: bool = True
-    """collect random episodes first when DATA_DIR has none"""
-    collect_episodes: int = 200
-    collect_max_steps: int = 1000
     workers: int = 1
     """collection worker processes (train_world_model_parallel.py uses every core)"""
-    env_backend: str = "fast"
 
 
 def load_latents(cache: dict[Path, Path], vae_sha256: str) -> dict[Path, dict]:
@@ -126,8 +110,9 @@ def model_loss(model: RecurrentWorldModel, batch: dict, args: Args, sample: bool
 def validate(model: RecurrentWorldModel, episodes: list[dict], args: Args, device) -> dict[str, float]:
     """Per-head figures on whole validation episodes, deterministic (z = mu)."""
     model.eval()
-    totals = {"z_nll": 0.0, "z_mse": 0.0, "reward_mae": 0.0, "loss": 0.0}
-    true_pos = pred_pos = actual_pos = z_steps = steps = 0
+    totals = {"z_nll": 0.0, "z_mse": 0.0, "reward_mae": 0.0, "reward_overshoot": 0.0, "no_tile_overshoot": 0.0,
+              "loss": 0.0}
+    true_pos = pred_pos = actual_pos = z_steps = steps = no_tile_steps = 0
     for start in range(0, len(episodes), args.batch_size):
         batch = make_batch(episodes[start:start + args.batch_size], 10**9, np.random.default_rng(0), device)
         pred, losses = model_loss(model, batch, args, sample=False)
@@ -138,6 +123,11 @@ def validate(model: RecurrentWorldModel, episodes: list[dict], args: Args, devic
         z_error = (model.mixture_mean(pred) - batch["mu"][:, 1:]).pow(2).mean(-1)
         totals["z_mse"] += (z_error * z_mask).sum().item()
         totals["reward_mae"] += ((pred.reward - batch["reward"]).abs() * step_mask).sum().item()
+        overshoot = (pred.reward - batch["reward"]).clamp(min=0) * step_mask
+        no_tile = (batch["reward"] < 0) * step_mask  # steps that earned no new tile: grass, visited road
+        totals["reward_overshoot"] += overshoot.sum().item()
+        totals["no_tile_overshoot"] += (overshoot * no_tile).sum().item()
+        no_tile_steps += no_tile.sum().item()
         predicted, actual = (pred.done_logit > 0) & (step_mask > 0), batch["terminated"] > 0
         true_pos += (predicted & actual).sum().item()
         pred_pos += predicted.sum().item()
@@ -145,7 +135,8 @@ def validate(model: RecurrentWorldModel, episodes: list[dict], args: Args, devic
         z_steps, steps = z_steps + n_z, steps + n_steps
     model.train()
     return {"loss": totals["loss"] / steps, "z_nll": totals["z_nll"] / z_steps, "z_mse": totals["z_mse"] / z_steps,
-            "reward_mae": totals["reward_mae"] / steps, "dones": actual_pos,
+            "reward_mae": totals["reward_mae"] / steps, "reward_overshoot": totals["reward_overshoot"] / steps,
+            "no_tile_overshoot": totals["no_tile_overshoot"] / max(no_tile_steps, 1), "dones": actual_pos,
             "done_precision": true_pos / pred_pos if pred_pos else math.nan,
             "done_recall": true_pos / actual_pos if actual_pos else math.nan}
 
@@ -182,10 +173,7 @@ def dream_grid(vae, model: RecurrentWorldModel, episode_path: Path, start_bank: 
 
 
 def main(args: Args) -> None:
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_stage(args)
     if args.epochs < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise UserError("--epochs and --batch-size must be at least 1, --seq-len at least 2")
     vae_path = args.ckpt_dir / "vae.pt"
@@ -197,19 +185,11 @@ def main(args: Args) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     latest_path, best_path = args.ckpt_dir / "world_model_latest.pt", args.ckpt_dir / "world_model.pt"
 
-    start_epoch, best_val = 0, math.inf
-    log_dir = args.log_dir / f"world_model-{time.strftime('%Y%m%d-%H%M%S')}"
-    if latest_path.exists() and not args.fresh:
-        checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint="train_world_model.py --fresh")
-        if checkpoint["vae"]["sha256"] != vae_id["sha256"]:
-            raise UserError(f"{latest_path} was trained on another VAE than {vae_path}: re-run with --fresh")
-        if checkpoint["config"] != plain(config):
-            raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
-                            "use the same sizes or --fresh")
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, best_val, log_dir = checkpoint["epoch"], checkpoint["best_val_loss"], Path(checkpoint["log_dir"])
-        print(f"resuming from {latest_path}: epoch {start_epoch}, best val loss {best_val:.4f}")
+    resumed = resume_checkpoint(latest_path, args, config, model, optimizer, device, "train_world_model.py")
+    if resumed and resumed["vae"]["sha256"] != vae_id["sha256"]:
+        raise UserError(f"{latest_path} was trained on another VAE than {vae_path}: re-run with --fresh")
+    start_epoch, best_val, log_dir = ((resumed["epoch"], resumed["best_val_loss"], Path(resumed["log_dir"])) if resumed
+                                      else (0, math.inf, args.log_dir / f"world_model-{time.strftime('%Y%m%d-%H%M%S')}"))
     if start_epoch >= args.epochs:
         print(f"{latest_path} has already trained {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
         return
@@ -277,7 +257,8 @@ def main(args: Args) -> None:
             save_checkpoint(best_path, checkpoint)
         save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict()})
         bar.write(f"epoch {epoch + 1}: train {metrics['train_loss']:.3f}, val {val['loss']:.3f} (z nll "
-                  f"{val['z_nll']:.3f}, z mse {val['z_mse']:.4f}, reward mae {val['reward_mae']:.3f}, done "
+                  f"{val['z_nll']:.3f}, z mse {val['z_mse']:.4f}, reward mae {val['reward_mae']:.3f} "
+                  f"(overshoot {val['reward_overshoot']:.3f}, on no-tile steps {val['no_tile_overshoot']:.3f}), done "
                   f"precision {val['done_precision']:.2f} recall {val['done_recall']:.2f} of {val['dones']}), "
                   f"{steps_per_s:.0f} steps/s{'; saved' if improved else ''}")
     bar.close()

@@ -50,6 +50,64 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass
+class StageArgs:
+    """Flags every training stage shares (each stage's Args adds its own after these)."""
+
+    data_dir: Path = Path("data")
+    """episodes are read from DATA_DIR/rollouts/*/"""
+    ckpt_dir: Path = Path("checkpoints")
+    """checkpoints are read and written here"""
+    log_dir: Path = Path("runs")
+    """TensorBoard logs go to LOG_DIR/<stage>-<time>/"""
+    seed: int = 0
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default, one per core)"""
+    fresh: bool = False
+    """ignore the stage's *_latest.pt checkpoint and start over"""
+    collect: bool = True
+    """collect random episodes first when DATA_DIR has none"""
+    collect_episodes: int = 200
+    """episodes to collect when DATA_DIR is empty"""
+    collect_max_steps: int = 1000
+    workers: int = 2
+    """collection worker processes"""
+    env_backend: str = "fast"
+    """fast (pixel-exact CarRacing-v3, ~2.5x stock), gymnasium (stock) or envpool (approximate clone)"""
+
+
+def setup_stage(args: StageArgs):
+    """Seed everything, set the torch threads and return the device."""
+    import torch
+
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
+def resume_checkpoint(latest_path: Path, args: StageArgs, config, model, optimizer, device, script: str) -> dict | None:
+    """Load the stage's resumable checkpoint into `model` and `optimizer`; None when starting fresh.
+
+    A checkpoint made with other model sizes is a UserError (use the same sizes or --fresh).
+    """
+    if args.fresh or not latest_path.exists():
+        return None
+    checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint=f"{script} --fresh")
+    if checkpoint["config"] != plain(config):
+        raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
+                        "use the same sizes or --fresh")
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    print(f"resuming from {latest_path}: epoch {checkpoint['epoch']}, best val loss {checkpoint['best_val_loss']:.4f}")
+    return checkpoint
+
+
 # ----------------------------------------------------------------------------- seeding, devices
 
 

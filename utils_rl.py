@@ -1,8 +1,9 @@
-"""Environments, collection policies and parallel episode collection.
+"""Environments, collection policies, parallel episode collection, and the dream.
 
 `make_env` is the one place an environment is built. Collection runs whole episodes in worker
 processes (a process pool, not a vector env: each worker steps, preprocesses and writes its own
 episode files, so no frame crosses a pipe per step; see the benchmark table in the README).
+The dream (`BatchedDream`, `DreamEnv`) runs CarRacing inside a trained world model.
 """
 
 from __future__ import annotations
