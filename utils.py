@@ -41,6 +41,9 @@ def run_main(main: Callable[[Any], Any], args_type: type, description: str | Non
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # a path the user gave that cannot be read or written
+        print(f"error: {error.strerror or error}: {error.filename or ''}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         sys.exit(130)

@@ -5,7 +5,8 @@ Writes: stdout, and --out FILE.json if given.
 
 Rows:
 - raw env steps/s: `env.step` with a constant action, one process (gymnasium, envpool);
-- gymnasium AsyncVectorEnv with 2 envs (the alternative to our process pool, random actions);
+- raw stepping with 2 envs: gymnasium's AsyncVectorEnv (a pipe round trip per step) vs two
+  independent processes of a pool (what collection uses), summed;
 - collection steps/s through the real path (`collect_episodes`: policy, preprocessing, compressed
   episode files) with 1 and 2 worker processes, per backend;
 - ConvVAE training img/s on uint8 batches already in memory vs streamed from episode files;
@@ -40,8 +41,8 @@ from world_model import WorldModelConfig, build_world_model  # noqa: E402
 class Args:
     raw_steps: int = 1000
     """steps for each raw env.step measurement"""
-    collect_episodes: int = 6
-    """episodes per collection measurement"""
+    collect_episodes: int = 12
+    """episodes per collection measurement (short runs under-state 2 workers: start-up, uneven ends)"""
     collect_max_steps: int = 1000
     vae_batches: int = 40
     """timed VAE training steps per measurement (after 3 warm-up steps)"""
@@ -82,6 +83,14 @@ def async_vector_steps_per_s(num_envs: int, steps: int) -> float:
     rate = (steps // num_envs) * num_envs / (time.perf_counter() - start)
     envs.close()
     return rate
+
+
+def pool_raw_steps_per_s(backend: str, workers: int, steps: int) -> float:
+    """Raw env.step rate of `workers` processes stepping independently, summed (each timed after its start-up)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.starmap(raw_env_steps_per_s, [(backend, steps)] * workers))
 
 
 def collection_steps_per_s(backend: str, workers: int, episodes: int, max_steps: int, data_dir: Path) -> float:
@@ -151,6 +160,8 @@ def main(args: Args) -> None:
                    "steps/s")
         record("gymnasium AsyncVectorEnv, random actions", "2 envs", async_vector_steps_per_s(2, args.raw_steps * 2),
                "steps/s")
+        record("gymnasium env.step, constant action", "2 pool processes", pool_raw_steps_per_s("gymnasium", 2,
+                                                                                             args.raw_steps), "steps/s")
         for backend in args.backends:
             for workers in (1, 2):
                 data_dir = Path(tmp) / f"{backend}-{workers}"

@@ -47,7 +47,7 @@ def main(args: Args) -> None:
     stats = pstats.Stats(profiler).stats
     rows = sorted(((own, calls, f"{Path(file).name}:{line}({name})") for (file, line, name), (_, calls, own, _, _)
                    in stats.items()), reverse=True)[:args.top]
-    total_own = sum(own for own, _, _, _, _ in stats.values())
+    total_own = sum(own for _, _, own, _, _ in stats.values())
     print(f"{args.backend}: {len(actions)} steps, {per_step_ms:.2f} ms/step under the profiler "
           f"({1000 / per_step_ms:.0f} steps/s)\n")
     print("| function | calls/step | ms/step | share |\n|---|---|---|---|")

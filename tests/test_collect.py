@@ -58,6 +58,7 @@ def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
     (["collect_data.py", "--episodes", "0"], "at least 1"),
     (["train_vae.py", "--data-dir", "{tmp}/empty", "--no-collect"], "no episodes in"),
     (["train_vae.py", "--data-dir", "{tmp}", "--device", "cuda"], "no CUDA"),
+    (["collect_data.py", "--data-dir", "/etc/hostname/data", "--episodes", "1"], "Not a directory"),
 ])
 def test_user_errors_print_one_line_and_exit_nonzero(tmp_path, args, message):
     result = run_script(*[a.format(tmp=tmp_path) for a in args])

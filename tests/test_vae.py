@@ -70,3 +70,11 @@ def test_train_vae_checkpoints_resumes_and_rebuilds(tmp_path):
     (ckpt / "vae.pt").write_bytes((ckpt / "vae.pt").read_bytes()[:1000])
     with pytest.raises(UserError, match="damaged"):
         load_vae(ckpt / "vae.pt")
+
+
+def test_a_damaged_resume_checkpoint_is_one_clear_line(tmp_path):
+    (tmp_path / "vae_latest.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    result = run_script("train_vae.py", "--ckpt-dir", str(tmp_path), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "damaged" in result.stderr and "--fresh" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
