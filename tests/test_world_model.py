@@ -205,3 +205,18 @@ def test_train_world_model_stage_resumes_and_errors(tmp_path):
     assert env.reset(seed=0)[0].shape == (4 + 16,)
     missing = run_script("train_world_model.py", "--ckpt-dir", str(tmp_path / "nowhere"), "--data-dir", str(data))
     assert missing.returncode == 2 and "run train_vae.py" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    data = tmp_path / "data"
+    for seed in range(4):
+        save_episode(episode_path(data, "random", seed), make_episode(30, seed))
+    common = ["train_world_model.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir",
+              str(tmp_path / "runs"), "--hidden-dim", "16", "--num-mixtures", "2", "--batch-size", "1", "--no-collect"]
+    assert run_script(*common, "--epochs", "1").returncode == 0
+    good = (ckpt / "world_model_latest.pt").read_bytes()
+    blown = run_script(*common, "--epochs", "3", "--fresh", "--lr", "1e30")  # diverges within a step or two
+    assert blown.returncode == 2 and "Traceback" not in blown.stderr
+    assert "loss became" in blown.stderr and "step" in blown.stderr and "last good checkpoint" in blown.stderr
+    assert (ckpt / "world_model_latest.pt").read_bytes() == good
