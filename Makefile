@@ -7,7 +7,7 @@ DATA_DIR ?= data
 CKPT_DIR ?= checkpoints
 LOG_DIR ?= runs
 BACKEND ?= fast
-WM_ARCH ?= mdn
+WM_ARCH ?= gru
 
 .PHONY: venv test train smoke bench
 

@@ -34,7 +34,7 @@ from world_model import RecurrentWorldModel, WorldModelConfig, build_world_model
 
 @dataclass
 class Args(StageArgs):
-    arch: Literal["gru", "mdn"] = "mdn"
+    arch: Literal["gru", "mdn"] = "gru"
     """gru: GRU + a Gaussian over next z; mdn: LSTM + a mixture of Gaussians (the original MDN-RNN)"""
     epochs: int = 40
     """total epochs (one pass over the training episodes each); a resumed run trains up to this many"""

@@ -99,15 +99,29 @@ def collection_steps_per_s(backend: str, workers: int, episodes: int, max_steps:
     return sum(s["steps"] for s in summaries) / (time.perf_counter() - start)
 
 
-def vae_img_per_s(batches, model: ConvVAE, batch_size: int, count: int) -> float:
+def vae_img_per_s(batches, model: ConvVAE, count: int) -> float:
+    """Training img/s over `count` batches after 3 warm-up ones."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     iterator = iter(batches)
     for _ in range(3):  # warm-up
         train_step(model, optimizer, next(iterator), "cpu")
-    start = time.perf_counter()
+    images, start = 0, time.perf_counter()
     for _ in range(count):
-        train_step(model, optimizer, next(iterator), "cpu")
-    return count * batch_size / (time.perf_counter() - start)
+        batch = next(iterator)
+        train_step(model, optimizer, batch, "cpu")
+        images += len(batch)
+    return images / (time.perf_counter() - start)
+
+
+def cycle(make_iterable):
+    """Repeat an iterable without end; an empty one is an error, not a hang."""
+    while True:
+        empty = True
+        for item in make_iterable():
+            empty = False
+            yield item
+        if empty:
+            raise ValueError("nothing to iterate over")
 
 
 def dream_steps_per_s(arch: str, num_envs: int, steps: int) -> float:
@@ -177,12 +191,11 @@ def main(args: Args) -> None:
         model = ConvVAE(ConvVAEConfig())
         rng = np.random.default_rng(0)
         in_memory = [rng.integers(0, 256, (args.batch_size, 64, 64, 3), dtype=np.uint8) for _ in range(8)]
-        cycled = (in_memory[i % len(in_memory)] for i in range(10**9))
-        memory_rate = vae_img_per_s(cycled, model, args.batch_size, args.vae_batches)
+        memory_rate = vae_img_per_s(cycle(lambda: in_memory), model, args.vae_batches)
         record("ConvVAE training, uint8 batches in memory", f"batch {args.batch_size}", memory_rate, "img/s")
         paths = list_episodes(Path(tmp) / f"{args.backends[0]}-2")
-        streamed = (batch for _ in range(10**6) for batch in FrameStream(paths, args.batch_size, buffer_episodes=2))
-        stream_rate = vae_img_per_s(streamed, model, args.batch_size, args.vae_batches)
+        streamed = cycle(lambda: FrameStream(paths, args.batch_size, buffer_episodes=2, drop_last=False))
+        stream_rate = vae_img_per_s(streamed, model, args.vae_batches)
         record("ConvVAE training, streamed from episode files", f"batch {args.batch_size}", stream_rate, "img/s")
         for arch in ("gru", "mdn"):
             record(f"dream stepping ({arch}), env steps/s", f"B={args.dream_envs}",

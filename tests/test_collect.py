@@ -54,10 +54,10 @@ def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["collect_data.py", "--env-backend", "nope", "--episodes", "1"], "unknown env backend 'nope'"),
-    (["collect_data.py", "--episodes", "0"], "at least 1"),
-    (["train_vae.py", "--data-dir", "{tmp}/empty", "--no-collect"], "no episodes in"),
-    (["train_vae.py", "--data-dir", "{tmp}", "--device", "cuda"], "no CUDA"),
+    (["collect_data.py", "--data-dir", "{tmp}", "--env-backend", "nope", "--episodes", "1"], "unknown env backend 'nope'"),
+    (["collect_data.py", "--data-dir", "{tmp}", "--episodes", "0"], "at least 1"),
+    (["train_vae.py", "--data-dir", "{tmp}/empty", "--ckpt-dir", "{tmp}/ckpt", "--no-collect"], "no episodes in"),
+    (["train_vae.py", "--data-dir", "{tmp}", "--ckpt-dir", "{tmp}/ckpt", "--device", "cuda"], "no CUDA"),
     (["collect_data.py", "--data-dir", "/etc/hostname/data", "--episodes", "1"], "Not a directory"),
 ])
 def test_user_errors_print_one_line_and_exit_nonzero(tmp_path, args, message):
