@@ -1,4 +1,5 @@
-"""Shared helpers: errors, seeding, device choice, frame preprocessing, checkpoints, episode files.
+"""Shared helpers: errors, stage set-up, seeding, devices, frame preprocessing, checkpoints and model
+loading, episode files, frame streaming, the latent cache.
 
 Everything here is used by several stages; no stage keeps a private variant of any of it.
 """
@@ -21,6 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
+import torch
+from tqdm import tqdm
+
+from conv_vae import ConvVAE, ConvVAEConfig
+from world_model import WorldModelConfig, build_world_model
 
 FRAME_SIZE = 64  # the VAE's input is FRAME_SIZE x FRAME_SIZE RGB
 EPISODE_KEYS = ("obs", "action", "reward", "terminated", "truncated", "seed")
@@ -86,8 +92,6 @@ class StageArgs:
 
 def setup_stage(args: StageArgs):
     """Seed everything, set the torch threads and return the device."""
-    import torch
-
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,8 +119,6 @@ def resume_checkpoint(latest_path: Path, args: StageArgs, config, model, optimiz
 
 
 def seed_everything(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -124,8 +126,6 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(name: str = "auto"):
     """`auto` takes CUDA when it is there, else the CPU; asking for CUDA without one is a UserError."""
-    import torch
-
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -201,15 +201,11 @@ def checkpoint_identity(path: Path) -> dict:
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    import torch
-
     atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: Path, map_location="cpu", stage_hint: str = "") -> dict:
     """Load a checkpoint dict safely (weights_only); a missing or damaged file is a UserError."""
-    import torch
-
     path = Path(path)
     hint = f" (run {stage_hint} to make it)" if stage_hint else ""
     if not path.is_file():
@@ -376,8 +372,6 @@ class FrameStream:
 
 def load_vae(path: Path, device="cpu"):
     """The ConvVAE of a checkpoint, rebuilt from its stored config, in eval mode: (model, checkpoint)."""
-    from conv_vae import ConvVAE, ConvVAEConfig
-
     checkpoint = load_checkpoint(path, map_location=device, stage_hint="train_vae.py")
     try:
         model = ConvVAE(ConvVAEConfig.from_dict(checkpoint["config"]))
@@ -389,8 +383,6 @@ def load_vae(path: Path, device="cpu"):
 
 def load_world_model(path: Path, device="cpu"):
     """The world model of a checkpoint, rebuilt from its stored config, in eval mode: (model, checkpoint)."""
-    from world_model import WorldModelConfig, build_world_model
-
     checkpoint = load_checkpoint(path, map_location=device, stage_hint="train_world_model.py")
     try:
         model = build_world_model(WorldModelConfig(**checkpoint["config"]))
@@ -454,11 +446,6 @@ def encode_episodes(vae, vae_sha256: str, episodes: Sequence[Path], data_dir: Pa
     Files already cached by this VAE are reused; missing, damaged or foreign ones are (re)built, one
     atomic file per episode, so a killed encode resumes where it stopped.
     """
-    import torch
-    from tqdm import tqdm
-
-    from conv_vae import ConvVAE
-
     cached = {path: latent_cache_path(data_dir, vae_sha256, path) for path in episodes}
     missing = [path for path, cache in cached.items()
                if not (cache.exists() and load_latent_episode(cache, vae_sha256, warn=False) is not None)]

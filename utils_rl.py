@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fast_car_racing import make_fast_env
 from utils import (UserError, episode_dir, episode_path, is_complete_npz, list_episodes, preprocess_frame,
                    save_episode)
 
@@ -73,8 +74,6 @@ def make_env(backend: str = "fast", max_steps: int = 1000, render_mode: str | No
     - `gymnasium`: the stock reference CarRacing-v3;
     - `envpool`: a faster approximate clone (other tracks, slightly other pixels), for collection only."""
     if backend == "fast":
-        from fast_car_racing import make_fast_env
-
         return make_fast_env(max_episode_steps=max_steps, render_mode=render_mode)
     if backend == "gymnasium":
         return gym.make(ENV_ID, max_episode_steps=max_steps, render_mode=render_mode)
@@ -134,7 +133,7 @@ class BrownianPolicy:
         self.state += self.pull * (self.mean - self.state) + self.noise * self.rng.standard_normal(4)
         self.state = np.clip(self.state, -1.5, 1.5)
         steer_noise, gas, brake, focus = self.state
-        road = road_offset(frame) if frame is not None else None
+        road = road_offset(frame)
         steer = steer_noise + (np.clip(focus, 0.0, 1.0) * 2.0 * road if road is not None else 0.0)
         return np.clip([steer, gas, brake], [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
 
@@ -216,7 +215,7 @@ def _collect_one(task: tuple[int, str]) -> dict:
 
 
 def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int = 1000, workers: int = 2,
-                     backend: str = "gymnasium", policy: str = "random", policy_kwargs: dict | None = None,
+                     backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
                      source: str | None = None, progress: bool = True) -> list[dict]:
     """Collect one episode file per track seed into data_dir/rollouts/<source>/, skipping complete ones.
 

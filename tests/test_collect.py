@@ -37,7 +37,8 @@ def test_same_seed_gives_the_same_episode(tmp_path):
 def test_brownian_policy_is_smooth_and_bounded():
     policy = BrownianPolicy()
     policy.reset(0)
-    actions = np.stack([policy(None) for _ in range(2000)])
+    no_road = np.zeros((64, 64, 3), np.uint8)  # nothing grey in view: pure noise
+    actions = np.stack([policy(no_road) for _ in range(2000)])
     assert actions[:, 0].min() >= -1 and actions[:, 0].max() <= 1 and actions[:, 1:].min() >= 0
     steer = actions[:, 0]
     assert np.abs(np.diff(steer)).mean() < 0.25 * np.abs(steer - steer.mean()).mean() + 0.2  # drifts, not jitter
@@ -112,3 +113,15 @@ def test_terminate_signal_stops_a_stage_with_one_line(tmp_path):
     _, stderr = process.communicate(timeout=30)
     assert process.returncode != 0 and "Traceback" not in stderr
     assert "re-run the same command to resume" in stderr
+
+
+def test_road_offset_points_at_the_grey_road():
+    from utils_rl import road_offset
+
+    frame = np.full((64, 64, 3), (100, 200, 100), np.uint8)  # grass
+    assert road_offset(frame) is None
+    frame[:, 44:52] = 105  # a grey road to the right of the car (column 32)
+    assert 0.5 < road_offset(frame) <= 1.0
+    frame[:] = (100, 200, 100)
+    frame[:, 10:18] = 105  # ... and to the left
+    assert -1.0 <= road_offset(frame) < -0.5
