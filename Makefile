@@ -26,6 +26,8 @@ train: venv
 	$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes 200 --workers 2 --env-backend $(BACKEND)
 	$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs 3
 	$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --arch $(WM_ARCH)
+	$(PY) train_cmaes_in_dream.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --generations 100
+	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller cmaes --episodes 100
 
 # The whole pipeline with tiny settings, writing RUN_DIR/{data,checkpoints,runs}.
 smoke: venv
@@ -34,6 +36,9 @@ smoke: venv
 		--epochs 1 --batch-size 32 --val-frames 64
 	$(PY) train_world_model.py --data-dir $(RUN_DIR)/data --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
 		--epochs 1 --batch-size 2 --hidden-dim 32
+	$(PY) train_cmaes_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
+		--generations 2 --popsize 4 --rollouts 2 --max-steps 50 --eval-every 0
+	$(PY) evaluate.py --ckpt-dir $(RUN_DIR)/checkpoints --controller cmaes --episodes 2 --max-steps 100
 
 bench: venv
 	$(PY) benchmarks/bench.py

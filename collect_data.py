@@ -1,6 +1,7 @@
 """Collect CarRacing episodes to disk, one compressed .npz per episode.
 
-Reads:  nothing (the `random` policy) or, with the controllers, a checkpoint dir (`agent`).
+Reads:  nothing (the `random` policy), or CKPT_DIR's agent (vae.pt, world_model.pt and
+        controller_<CONTROLLER>.pt) for `--policy agent`.
 Writes: DATA_DIR/rollouts/<policy>/ep_<track seed>.npz (the episode contract in DESIGN.md).
 
 Track seeds are SEED, SEED+1, ..., SEED+EPISODES-1, so re-running the same command skips the
@@ -32,8 +33,14 @@ class Args:
     """parallel worker processes"""
     seed: int = 0
     """first track seed; keep collection seeds apart from evaluation seeds (evaluate.py starts at 1000000)"""
-    policy: Literal["random"] = "random"
-    """random: smooth Brownian steering/gas/brake"""
+    policy: Literal["random", "agent"] = "random"
+    """random: smooth Brownian driving that follows and leaves the road; agent: a trained agent plus noise"""
+    ckpt_dir: Path = Path("checkpoints")
+    """the agent, for --policy agent"""
+    controller: Literal["cmaes"] = "cmaes"
+    """which controller of CKPT_DIR drives, for --policy agent"""
+    noise: float = 0.1
+    """std of the Gaussian exploration noise on the agent's actions, for --policy agent"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3, ~2.5x stock), gymnasium (stock) or envpool (approximate clone)"""
 
@@ -43,7 +50,10 @@ def main(args: Args) -> None:
         raise UserError("--episodes, --max-steps and --workers must be at least 1")
     start = time.perf_counter()
     seeds = range(args.seed, args.seed + args.episodes)
-    summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, args.policy)
+    policy_kwargs = ({"ckpt_dir": str(args.ckpt_dir), "controller": args.controller, "noise": args.noise}
+                     if args.policy == "agent" else {})
+    summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, args.policy,
+                                 policy_kwargs)
     elapsed = time.perf_counter() - start
     total = len(list_episodes(args.data_dir, [args.policy]))
     if not summaries:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from actor_critic import ControllerConfig, build_controller
 from conv_vae import ConvVAE, ConvVAEConfig
 from world_model import WorldModelConfig, build_world_model
 
@@ -404,6 +405,55 @@ def load_vae_and_world_model(ckpt_dir: Path, device="cpu"):
         raise UserError(f"{ckpt_dir / 'world_model.pt'} was trained on another VAE than {ckpt_dir / 'vae.pt'}: "
                         "re-run train_world_model.py")
     return vae, world_model, checkpoint
+
+
+CONTROLLER_SCRIPTS = {"cmaes": "train_cmaes_in_dream.py"}  # controller name -> the stage that trains it
+
+
+def controller_path(ckpt_dir: Path, name: str) -> Path:
+    return Path(ckpt_dir) / f"controller_{name}.pt"
+
+
+class Agent:
+    """VAE + world model + controller: preprocessed 64x64 frames in, actions out, h carried along.
+
+    Per step: z = the VAE's mu of the frame, action = controller([z, h]), then the world model steps
+    on (z, action) so h remembers. The collection-policy interface: `reset(seed)`, `agent(frame)`.
+    """
+
+    def __init__(self, vae, world_model, controller, device="cpu"):
+        self.vae, self.world_model, self.controller, self.device = vae, world_model, controller, device
+        self.state = world_model.initial_state(1, device)
+
+    def reset(self, seed: int | None = None) -> None:
+        self.state = self.world_model.initial_state(1, self.device)
+
+    @torch.no_grad()
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        z, _ = self.vae.encode(ConvVAE.to_input(torch.from_numpy(frame[None]).to(self.device)))
+        action = self.controller(torch.cat([z, self.world_model.features(self.state)], -1))
+        _, self.state = self.world_model.step(z, action, self.state)
+        return action[0].cpu().numpy().astype(np.float32)
+
+
+def load_agent(ckpt_dir: Path, controller: str, device="cpu") -> Agent:
+    """The one way every consumer builds an agent; a mismatch of any part is a UserError."""
+    if controller not in CONTROLLER_SCRIPTS:
+        raise UserError(f"unknown controller {controller!r}: choose one of {', '.join(CONTROLLER_SCRIPTS)}")
+    vae, world_model, _ = load_vae_and_world_model(ckpt_dir, device)
+    path = controller_path(ckpt_dir, controller)
+    checkpoint = load_checkpoint(path, map_location=device, stage_hint=CONTROLLER_SCRIPTS[controller])
+    try:
+        model = build_controller(ControllerConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as error:
+        raise UserError(f"checkpoint {path} is not a controller checkpoint ({type(error).__name__}); "
+                        f"run {CONTROLLER_SCRIPTS[controller]}")
+    for part in ("vae", "world_model"):
+        if checkpoint.get(part, {}).get("sha256") != file_sha256(Path(ckpt_dir) / f"{part}.pt"):
+            raise UserError(f"{path} was trained with another {part.replace('_', ' ')} than {Path(ckpt_dir) / part}.pt:"
+                            f" re-run {CONTROLLER_SCRIPTS[controller]}")
+    return Agent(vae, world_model, model.to(device).eval(), device)
 
 
 def frames_grid(rows: Sequence[np.ndarray], scale: int = 2) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -20,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from fast_car_racing import make_fast_env
-from utils import (UserError, episode_dir, episode_path, is_complete_npz, list_episodes, preprocess_frame,
-                   save_episode)
+from utils import (UserError, episode_dir, episode_path, is_complete_npz, list_episodes, load_agent,
+                   load_vae_and_world_model, preprocess_frame, save_episode)
 
 ENV_ID = "CarRacing-v3"
 BACKENDS = ("fast", "gymnasium", "envpool")
@@ -138,8 +139,28 @@ class BrownianPolicy:
         return np.clip([steer, gas, brake], [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
 
 
-# The controllers issue adds `agent` here (a trained controller plus exploration noise).
-POLICIES = {"random": BrownianPolicy}
+class AgentPolicy:
+    """A trained agent (VAE + world model + controller from a checkpoint dir) as a collection policy,
+    with optional Gaussian exploration noise on its actions (seeded per episode); noise 0 is the
+    deterministic agent that evaluation plays."""
+
+    def __init__(self, ckpt_dir: str = "checkpoints", controller: str = "cmaes", noise: float = 0.0, **_unused):
+        self.agent = load_agent(Path(ckpt_dir), controller)
+        self.noise = noise
+        self.rng = np.random.default_rng(0)
+
+    def reset(self, seed: int) -> None:
+        self.agent.reset(seed)
+        self.rng = np.random.default_rng([seed, 2])
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        action = self.agent(frame)
+        if self.noise > 0:
+            action = np.clip(action + self.noise * self.rng.standard_normal(3), ACTION_LOW, ACTION_HIGH)
+        return action.astype(np.float32)
+
+
+POLICIES = {"random": BrownianPolicy, "agent": AgentPolicy}
 
 
 def make_policy(name: str, **kwargs):
@@ -188,6 +209,7 @@ def _init_worker(*setup_args) -> None:
     """Initializer of a pool worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     _die_with_parent()
+    torch.set_num_threads(1)  # one process per core already; more threads would fight over the cores
     _setup_worker(*setup_args)
 
 
@@ -204,10 +226,11 @@ def _count_step() -> None:
         _worker["pending"] = 0
 
 
-def _collect_one(task: tuple[int, str]) -> dict:
+def _play_one(task: tuple[int, str | None]) -> dict:
     track_seed, path = task
     episode = rollout_episode(_worker["env"], _worker["policy"], track_seed, _worker["max_steps"], _count_step)
-    save_episode(Path(path), episode)
+    if path is not None:
+        save_episode(Path(path), episode)
     with _worker["counter"].get_lock():
         _worker["counter"].value += _worker["pending"]
     _worker["pending"] = 0
@@ -223,14 +246,26 @@ def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int 
     moment: files appear only when complete, and a re-run collects just the missing seeds.
     """
     source = source or policy
-    make_policy(policy, **(policy_kwargs or {}))  # fail fast on a bad policy, before any process starts
-    make_env(backend, max_steps).close()  # ... and on a bad or missing backend
-    out_dir = episode_dir(data_dir, source)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".ep_*.tmp-*"):  # left by a worker killed mid-write
+    for stale in episode_dir(data_dir, source).glob(".ep_*.tmp-*"):  # left by a worker killed mid-write
         stale.unlink(missing_ok=True)
     tasks = [(seed, str(episode_path(data_dir, source, seed))) for seed in track_seeds]
     tasks = [task for task in tasks if not is_complete_npz(Path(task[1]))]
+    return play_episodes(tasks, max_steps, workers, backend, policy, policy_kwargs, f"collect {source}", progress,
+                         out_dir=episode_dir(data_dir, source))
+
+
+def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000, workers: int = 2,
+                  backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
+                  desc: str = "play", progress: bool = True, out_dir: Path | None = None) -> list[dict]:
+    """Play one episode per (track seed, episode file or None) task over `workers` processes.
+
+    Returns a summary (seed, steps, return) per episode, in the order they finished; with a file
+    name the episode is also saved there (atomically). `out_dir` is created once the inputs are checked.
+    """
+    make_policy(policy, **(policy_kwargs or {}))  # fail fast on a bad policy, before any process starts
+    make_env(backend, max_steps).close()  # ... and on a bad or missing backend
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)  # ... and on an output path that cannot be made
     if not tasks:
         return []
     workers = max(1, min(workers, len(tasks)))
@@ -238,17 +273,16 @@ def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int 
     counter = context.Value("q", 0)
     init_args = (backend, max_steps, policy, policy_kwargs or {}, counter)
     summaries = []
-    bar = tqdm(total=len(tasks) * max_steps, unit="step", desc=f"collect {source}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(tasks) * max_steps, unit="step", desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:  # in-process: no start-up cost, same code path as a worker
             _setup_worker(*init_args)
             for task in tasks:
-                summaries.append(_collect_one(task))
+                summaries.append(_play_one(task))
                 _update_bar(bar, counter, summaries)
         else:
             with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-                results = pool.imap_unordered(_collect_one, tasks)
+                results = pool.imap_unordered(_play_one, tasks)
                 while len(summaries) < len(tasks):
                     try:
                         summaries.append(results.next(timeout=0.5))
@@ -262,6 +296,20 @@ def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int 
             _worker["env"].close()
         _worker.clear()
     return summaries
+
+
+def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: int = 1_000_000, workers: int = 2,
+                   max_steps: int = 1000, backend: str = "fast", progress: bool = True) -> dict:
+    """Play the agent deterministically on track seeds seed..seed+episodes-1; the evaluation contract's dict."""
+    load_agent(Path(ckpt_dir), controller)  # one clear error before any worker starts
+    start = time.perf_counter()
+    summaries = play_episodes([(seed + i, None) for i in range(episodes)], max_steps, workers, backend, "agent",
+                              {"ckpt_dir": str(ckpt_dir), "controller": controller}, f"evaluate {controller}", progress)
+    returns = [s["return"] for s in sorted(summaries, key=lambda s: s["seed"])]
+    return {"env_id": ENV_ID, "episodes": episodes, "seed": seed, "mean": float(np.mean(returns)),
+            "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
+            "returns": returns, "controller": controller, "ckpt_dir": str(ckpt_dir), "env_backend": backend,
+            "max_steps": max_steps, "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
 def _update_bar(bar, counter, summaries: list[dict]) -> None:
@@ -391,8 +439,6 @@ class DreamEnv(gym.Env):
 
     def __init__(self, ckpt_dir: str = "checkpoints", temperature: float = 1.0, max_steps: int = 1000,
                  render_mode: str | None = None, device: str = "cpu"):
-        from utils import load_vae_and_world_model
-
         self.vae, model, checkpoint = load_vae_and_world_model(Path(ckpt_dir), device)
         bank = checkpoint["start_bank"]
         self.dream = BatchedDream(model, bank["mu"], bank["logvar"], 1, temperature, max_steps, device)

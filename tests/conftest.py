@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,3 +31,35 @@ def episode_factory():
 def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a repo script the way a user does, in a fresh interpreter."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+TINY_WORLD_MODEL = {"latent_dim": 4, "hidden_dim": 16, "num_mixtures": 3}
+
+
+def make_checkpoint_dir(tmp_path, arch="gru", world_model=None):
+    """A tiny VAE and world model (random, or the one given) saved the way the stages save them."""
+    from conv_vae import ConvVAE, ConvVAEConfig
+    from utils import checkpoint_identity, plain, save_checkpoint
+    from world_model import WorldModelConfig, build_world_model
+
+    torch.manual_seed(4)
+    ckpt = tmp_path / "ckpt"
+    vae_config = ConvVAEConfig(latent_dim=4, channels=(8, 8, 8, 8))
+    save_checkpoint(ckpt / "vae.pt", {"config": plain(vae_config), "state_dict": ConvVAE(vae_config).state_dict()})
+    model = world_model or build_world_model(WorldModelConfig(arch=arch, **TINY_WORLD_MODEL))
+    save_checkpoint(ckpt / "world_model.pt", {
+        "config": plain(model.config), "state_dict": model.state_dict(), "vae": checkpoint_identity(ckpt / "vae.pt"),
+        "start_bank": {"mu": torch.randn(5, 4), "logvar": torch.full((5, 4), -2.0)}})
+    return ckpt
+
+
+def save_linear_controller(ckpt, seed: int = 0):
+    """A random linear controller for the tiny agent, with the identities of its VAE and world model."""
+    from actor_critic import ControllerConfig, LinearController
+    from utils import checkpoint_identity, controller_path, plain, save_checkpoint
+
+    torch.manual_seed(seed)
+    config = ControllerConfig(kind="linear", obs_dim=4 + 16)
+    save_checkpoint(controller_path(ckpt, "cmaes"), {
+        "config": plain(config), "state_dict": LinearController(config).state_dict(),
+        "vae": checkpoint_identity(ckpt / "vae.pt"), "world_model": checkpoint_identity(ckpt / "world_model.pt")})

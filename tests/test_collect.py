@@ -103,10 +103,11 @@ def test_killed_collection_leaves_no_half_file_no_stray_worker_and_resumes(tmp_p
 
 
 def test_terminate_signal_stops_a_stage_with_one_line(tmp_path):
-    command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "4", "--workers", "2"]
+    command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "8", "--workers", "2"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (tmp_path / "rollouts" / "random").exists() and time.time() < deadline:
+    while time.time() < deadline and len(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                         text=True).stdout.split()) < 3:  # tracker + 2 workers
         time.sleep(0.05)
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)

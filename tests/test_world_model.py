@@ -7,14 +7,14 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import utils_rl  # noqa: F401  (registers DreamCarRacing-v0)
-from conftest import make_episode, run_script
+from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, make_episode, run_script
 from conv_vae import ConvVAE, ConvVAEConfig
-from utils import (UserError, checkpoint_identity, encode_episodes, episode_path, latent_cache_path,
-                   load_latent_episode, load_vae_and_world_model, save_checkpoint, save_episode)
+from utils import (UserError, encode_episodes, episode_path, latent_cache_path, load_latent_episode,
+                   load_vae_and_world_model, save_checkpoint, save_episode)
 from utils_rl import BatchedDream
 from world_model import MDNRNN, WorldModelConfig, WorldModelGRU, build_world_model
 
-TINY = {"latent_dim": 4, "hidden_dim": 16, "num_mixtures": 3}
+TINY = TINY_WORLD_MODEL
 
 
 @pytest.mark.parametrize("arch", ["gru", "mdn"])
@@ -96,22 +96,6 @@ def test_a_tiny_training_run_lowers_the_loss(arch):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
-
-
-def make_checkpoint_dir(tmp_path, arch="gru"):
-    """A tiny VAE and world model saved the way the stages save them."""
-    torch.manual_seed(4)
-    ckpt = tmp_path / "ckpt"
-    vae = ConvVAE(ConvVAEConfig(latent_dim=4, channels=(8, 8, 8, 8)))
-    save_checkpoint(ckpt / "vae.pt", {"config": {"latent_dim": 4, "channels": [8, 8, 8, 8], "kl_tolerance": 0.5},
-                                      "state_dict": vae.state_dict()})
-    config = WorldModelConfig(arch=arch, **TINY)
-    model = build_world_model(config)
-    save_checkpoint(ckpt / "world_model.pt", {
-        "config": {"arch": arch, "latent_dim": 4, "action_dim": 3, "hidden_dim": 16, "num_mixtures": 3},
-        "state_dict": model.state_dict(), "vae": checkpoint_identity(ckpt / "vae.pt"),
-        "start_bank": {"mu": torch.randn(5, 4), "logvar": torch.full((5, 4), -2.0)}})
-    return ckpt
 
 
 def test_dream_env_passes_check_env_and_renders(tmp_path):

@@ -1,0 +1,138 @@
+import json
+
+import cma
+import numpy as np
+import pytest
+import torch
+
+from actor_critic import ControllerConfig, LinearController, population_actions, squash
+from conftest import make_checkpoint_dir, run_script, save_linear_controller
+from train_cmaes_in_dream import dream_fitness
+from utils import UserError, controller_path, load_agent, load_checkpoint, save_checkpoint
+from utils_rl import BatchedDream
+from world_model import WorldModelConfig, build_world_model
+
+
+def test_squash_maps_onto_the_action_box():
+    actions = squash(torch.randn(1000, 3) * 5)
+    assert actions[:, 0].min() >= -1 and actions[:, 0].max() <= 1
+    assert actions[:, 1:].min() >= 0 and actions[:, 1:].max() <= 1
+    assert (actions[:, 2] == 0).float().mean() > 0.3  # half of the brake's range means no brake
+
+
+def test_population_pass_equals_each_controller_alone():
+    torch.manual_seed(0)
+    config = ControllerConfig(obs_dim=6)
+    flat = torch.randn(5, LinearController.num_params(6))
+    obs = torch.randn(5, 7, 6)
+    together = population_actions(flat, obs)
+    for p in range(5):
+        controller = LinearController(config)
+        controller.set_flat(flat[p])
+        torch.testing.assert_close(controller(obs[p]), together[p])
+
+
+def gas_pays_world_model():
+    """A tiny GRU world model wired by hand so the dream's reward is tanh(gas) at every step."""
+    model = build_world_model(WorldModelConfig(arch="gru", latent_dim=4, hidden_dim=16))
+    hidden = 16
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.rnn.bias_ih_l0[hidden:2 * hidden] = -20.0  # update gate shut: h = candidate
+        model.rnn.weight_ih_l0[2 * hidden, 4 + 1] = 1.0  # candidate h_0 = tanh(gas)
+        model.head.weight[-2, 0] = 1.0  # reward = h_0
+        model.head.bias[-1] = -20.0  # never done
+    return model.eval()
+
+
+def test_cmaes_in_a_tiny_dream_learns_to_press_the_gas():
+    model = gas_pays_world_model()
+    popsize, rollouts = 8, 2
+    dream = BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), popsize * rollouts, max_steps=20)
+    es = cma.CMAEvolutionStrategy(np.zeros(LinearController.num_params(20)), 0.5,
+                                  {"popsize": popsize, "seed": 1, "verbose": -9})
+    seeds = torch.arange(rollouts).repeat(popsize)
+    means = []
+    for _ in range(6):
+        solutions = np.array(es.ask())
+        fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32), rollouts, seeds).numpy()
+        es.tell(list(solutions), list(-fitness))
+        means.append(fitness.mean())
+    assert means[-1] > means[0] + 1.0 and means[-1] > 10  # at most 20 x tanh(1) = 15.2
+
+
+def test_dream_fitness_gives_equal_candidates_equal_scores():
+    model = build_world_model(WorldModelConfig(arch="gru", latent_dim=4, hidden_dim=16)).eval()
+    dream = BatchedDream(model, torch.randn(3, 4), torch.full((3, 4), -2.0), 3 * 4, max_steps=15)
+    solution = torch.randn(LinearController.num_params(20))
+    fitness = dream_fitness(dream, solution.expand(3, -1).contiguous(), 4, torch.arange(4).repeat(3))
+    assert fitness[0] == fitness[1] == fitness[2], "common random numbers: the same seeds, the same luck"
+
+
+def test_cmaes_stage_checkpoints_and_resumes(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    common = ["train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
+              "--popsize", "4", "--rollouts", "2", "--max-steps", "10", "--eval-every", "0"]
+    first = run_script(*common, "--generations", "1")
+    assert first.returncode == 0, first.stderr
+    second = run_script(*common, "--generations", "2")
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout
+    checkpoint = load_checkpoint(controller_path(ckpt, "cmaes"))
+    assert checkpoint["generation"] == 2 and checkpoint["world_model"]["sha256"] and "es" not in checkpoint
+    agent = load_agent(ckpt, "cmaes")
+    action = agent(np.zeros((64, 64, 3), np.uint8))
+    assert action.shape == (3,) and -1 <= action[0] <= 1 and 0 <= action[1] <= 1
+
+
+def test_evaluate_writes_the_contract_json_and_repeats_itself(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_linear_controller(ckpt)
+    results = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.json"
+        result = run_script("evaluate.py", "--ckpt-dir", str(ckpt), "--episodes", "3", "--seed", "7",
+                            "--max-steps", "40", "--workers", "2", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        results.append(json.loads(out.read_text()))
+    first = results[0]
+    assert {"env_id", "episodes", "seed", "mean", "std", "min", "max", "returns"} <= set(first)
+    assert first["env_id"] == "CarRacing-v3" and first["episodes"] == 3 and first["seed"] == 7
+    assert len(first["returns"]) == 3 and first["min"] <= first["mean"] <= first["max"]
+    assert first["returns"] == results[1]["returns"], "the same seeds give the same returns"
+
+
+def test_damaged_or_mismatched_agents_are_one_clear_error(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    with pytest.raises(UserError, match="not found.*train_cmaes_in_dream.py"):
+        load_agent(ckpt, "cmaes")
+    with pytest.raises(UserError, match="unknown controller"):
+        load_agent(ckpt, "nope")
+    save_linear_controller(ckpt)
+    path = controller_path(ckpt, "cmaes")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match="damaged"):
+        load_agent(ckpt, "cmaes")
+    save_linear_controller(ckpt)
+    checkpoint = load_checkpoint(ckpt / "world_model.pt")  # another world model (same VAE) in its place
+    checkpoint["state_dict"] = {k: v + 1 for k, v in checkpoint["state_dict"].items()}
+    save_checkpoint(ckpt / "world_model.pt", checkpoint)
+    with pytest.raises(UserError, match="trained with another world model"):
+        load_agent(ckpt, "cmaes")
+    for args, message in [(["--ckpt-dir", str(tmp_path / "missing")], "not found"),
+                          (["--ckpt-dir", str(ckpt), "--controller", "nope"], "nope")]:
+        result = run_script("evaluate.py", *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
+
+
+def test_collect_with_the_agent_policy(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_linear_controller(ckpt)
+    result = run_script("collect_data.py", "--policy", "agent", "--ckpt-dir", str(ckpt), "--data-dir",
+                        str(tmp_path / "data"), "--episodes", "2", "--max-steps", "20", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    from utils import list_episodes, load_episode
+
+    paths = list_episodes(tmp_path / "data", ["agent"])
+    assert len(paths) == 2 and all(load_episode(p)["obs"].shape == (20, 64, 64, 3) for p in paths)
