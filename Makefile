@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= /tmp/wm-smoke
+ROUND ?= 1
+ITER_EPISODES ?= 100
 DATA_DIR ?= data
 CKPT_DIR ?= checkpoints
 LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= gru
 
-.PHONY: venv test train smoke bench
+.PHONY: venv test train iterate smoke bench
 
 venv: $(VENV)/.installed
 
@@ -28,6 +30,17 @@ train: venv
 	$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --arch $(WM_ARCH)
 	$(PY) train_cmaes_in_dream.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --generations 100
 	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller cmaes --episodes 100
+
+# One round of on-policy data (ROUND=1, 2, ...; each round drives its own new tracks): the current agent
+# drives with exploration noise, the world model goes on training on all episodes (20 more epochs), a new
+# controller evolves in the corrected dream and is evaluated. Resumable like every stage.
+iterate: venv
+	$(PY) collect_data.py --policy agent --ckpt-dir $(CKPT_DIR) --data-dir $(DATA_DIR) --episodes $(ITER_EPISODES) \
+		--seed $$((100000 * $(ROUND))) --noise 0.1 --workers 2 --env-backend $(BACKEND)
+	$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --arch $(WM_ARCH) \
+		--epochs $$((40 + 20 * $(ROUND)))
+	$(PY) train_cmaes_in_dream.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --generations 100
+	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller cmaes --episodes 100 --out $(CKPT_DIR)/eval_cmaes_round$(ROUND).json
 
 # The whole pipeline with tiny settings, writing RUN_DIR/{data,checkpoints,runs}.
 smoke: venv

@@ -94,10 +94,14 @@ def main(args: Args) -> None:
 
     es, start_gen, best_fitness = None, 0, -math.inf
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
-    if latest_path.exists() and not args.fresh:
-        checkpoint = load_checkpoint(latest_path, stage_hint="train_cmaes_in_dream.py --fresh")
-        if checkpoint["config"] != plain(config) or checkpoint["world_model"]["sha256"] != identities["world_model"]["sha256"]:
-            raise UserError(f"{latest_path} was evolved with another world model or controller size: use --fresh")
+    checkpoint = (load_checkpoint(latest_path, stage_hint="train_cmaes_in_dream.py --fresh")
+                  if latest_path.exists() and not args.fresh else None)
+    if checkpoint and checkpoint["world_model"]["sha256"] != identities["world_model"]["sha256"]:
+        print(f"{latest_path} was evolved in an earlier world model: starting a new evolution in the current one")
+        checkpoint = None
+    if checkpoint:
+        if checkpoint["config"] != plain(config):
+            raise UserError(f"{latest_path} was evolved with controller size {checkpoint['config']}: use --fresh")
         es = pickle.loads(checkpoint["es"])  # our own evolution state, written by this script
         start_gen, best_fitness, log_dir = checkpoint["generation"], checkpoint["best_fitness"], Path(checkpoint["log_dir"])
         print(f"resuming from {latest_path}: generation {start_gen}, best dream fitness {best_fitness:.1f}")

@@ -14,6 +14,7 @@ at the default 1000) with a train/validation split by episode and gradient clipp
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -202,6 +203,10 @@ def main(args: Args) -> None:
     if not latents:
         raise UserError(f"no readable episode in {args.data_dir}/rollouts/")
     train_paths, val_paths = split_episodes(sorted(latents), args.val_percent)
+    data_id = hashlib.sha256("\n".join(str(p) for p in sorted(latents)).encode()).hexdigest()[:16]
+    if resumed and resumed.get("data_id") != data_id:  # new episodes: old validation losses are not comparable
+        print(f"the data set changed since {latest_path} ({len(latents)} episodes now): best val loss reset")
+        best_val = math.inf
     train_eps, val_eps = [latents[p] for p in train_paths], [latents[p] for p in val_paths]
     bank_eps = train_eps[:: max(1, len(train_eps) // args.start_bank_size)][:args.start_bank_size]
     start_bank = {"mu": torch.from_numpy(np.stack([ep["mu"][0] for ep in bank_eps])),
@@ -252,7 +257,7 @@ def main(args: Args) -> None:
         best_val = min(best_val, val["loss"])
         checkpoint = {"config": plain(config), "state_dict": model.state_dict(), "args": plain(args),
                       "epoch": epoch + 1, "metrics": metrics, "best_val_loss": best_val, "log_dir": str(log_dir),
-                      "vae": vae_id, "start_bank": start_bank}
+                      "vae": vae_id, "start_bank": start_bank, "data_id": data_id}
         if improved:
             save_checkpoint(best_path, checkpoint)
         save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict()})

@@ -84,6 +84,13 @@ def test_cmaes_stage_checkpoints_and_resumes(tmp_path):
     agent = load_agent(ckpt, "cmaes")
     action = agent(np.zeros((64, 64, 3), np.uint8))
     assert action.shape == (3,) and -1 <= action[0] <= 1 and 0 <= action[1] <= 1
+    world_model = load_checkpoint(ckpt / "world_model.pt")  # an on-policy round retrained the world model
+    world_model["state_dict"] = {k: v * 0.5 for k, v in world_model["state_dict"].items()}
+    save_checkpoint(ckpt / "world_model.pt", world_model)
+    third = run_script(*common, "--generations", "3")
+    assert third.returncode == 0, third.stderr
+    assert "starting a new evolution" in third.stdout and "resuming" not in third.stdout
+    assert load_checkpoint(controller_path(ckpt, "cmaes"))["generation"] == 3
 
 
 def test_evaluate_writes_the_contract_json_and_repeats_itself(tmp_path):

@@ -185,6 +185,10 @@ def test_train_world_model_stage_resumes_and_errors(tmp_path):
     metrics = checkpoint["metrics"]
     assert all(math.isfinite(metrics[k]) for k in ("val_z_nll", "val_z_mse", "val_reward_mae"))
     assert checkpoint["start_bank"]["mu"].shape[1] == 4
+    save_episode(episode_path(data, "agent", 9), make_episode(30, 9))  # new on-policy data arrives
+    third = run_script(*common, "--epochs", "3")
+    assert third.returncode == 0, third.stderr
+    assert "data set changed" in third.stdout and "epoch 3:" in third.stdout and "saved" in third.stdout
     env = gym.make("DreamCarRacing-v0", ckpt_dir=str(ckpt))  # the checkpoint dir alone is enough to dream
     assert env.reset(seed=0)[0].shape == (4 + 16,)
     missing = run_script("train_world_model.py", "--ckpt-dir", str(tmp_path / "nowhere"), "--data-dir", str(data))
