@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from actor_critic import ControllerConfig, LinearController, population_actions
-from utils import (UserError, checkpoint_identity, controller_path, load_checkpoint, load_vae_and_world_model,
-                   pick_device, plain, run_main, save_checkpoint, seed_everything)
+from utils import (UserError, checkpoint_identity, controller_path, load_checkpoint, load_vae_and_world_model, plain,
+                   run_main, save_checkpoint, setup_stage)
 from utils_rl import BatchedDream, evaluate_agent
 
 
@@ -79,10 +79,7 @@ def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, s
 
 
 def main(args: Args) -> None:
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_stage(args)
     if min(args.generations, args.popsize, args.rollouts, args.max_steps) < 1 or args.popsize < 2:
         raise UserError("--generations, --rollouts and --max-steps must be at least 1, --popsize at least 2")
     vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)

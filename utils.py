@@ -91,8 +91,9 @@ class StageArgs:
     """fast (pixel-exact CarRacing-v3, ~2.5x stock), gymnasium (stock) or envpool (approximate clone)"""
 
 
-def setup_stage(args: StageArgs):
-    """Seed everything, set the torch threads and return the device."""
+def setup_stage(args) -> torch.device:
+    """Seed everything, set the torch threads and return the device (args: any stage's, with seed,
+    threads and device)."""
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
