@@ -82,7 +82,7 @@ def main(args: Args) -> None:
     device = setup_stage(args)
     if min(args.generations, args.popsize, args.rollouts, args.max_steps) < 1 or args.popsize < 2:
         raise UserError("--generations, --rollouts and --max-steps must be at least 1, --popsize at least 2")
-    vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)
+    _, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
                   "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
     config = ControllerConfig(kind="linear", obs_dim=world_model.config.latent_dim + world_model.config.hidden_dim)
