@@ -250,17 +250,22 @@ def save_episode(path: Path, episode: dict) -> None:
     atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
 
 
+EPISODE_SHAPES = {"obs": (FRAME_SIZE, FRAME_SIZE, 3), "action": (3,), "reward": (), "terminated": (),
+                  "truncated": ()}  # per step
+
+
 def check_episode_arrays(arrays: dict) -> None:
-    """Raise ValueError unless the arrays follow the episode contract."""
-    obs = arrays["obs"]
-    steps = len(obs)
-    if obs.dtype != np.uint8 or obs.shape[1:] != (FRAME_SIZE, FRAME_SIZE, 3) or steps == 0:
-        raise ValueError(f"obs must be uint8 (T>0, {FRAME_SIZE}, {FRAME_SIZE}, 3), got {obs.dtype} {obs.shape}")
-    if arrays["action"].shape != (steps, 3):
-        raise ValueError(f"action must be ({steps}, 3), got {arrays['action'].shape}")
-    for key in ("reward", "terminated", "truncated"):
-        if arrays[key].shape != (steps,):
-            raise ValueError(f"{key} must be ({steps},), got {arrays[key].shape}")
+    """Raise ValueError unless the arrays present follow the episode contract (any subset of its keys)."""
+    present = [key for key in EPISODE_SHAPES if key in arrays]
+    steps = len(arrays[present[0]]) if present else 0
+    if steps == 0:
+        raise ValueError("an episode needs at least one step")
+    if "obs" in arrays and arrays["obs"].dtype != np.uint8:
+        raise ValueError(f"obs must be uint8, got {arrays['obs'].dtype}")
+    for key in present:
+        expected = (steps, *EPISODE_SHAPES[key])
+        if arrays[key].shape != expected:
+            raise ValueError(f"{key} must be {expected}, got {arrays[key].shape}")
 
 
 def is_complete_npz(path: Path) -> bool:
@@ -278,20 +283,11 @@ def load_episode(path: Path, keys: Sequence[str] = EPISODE_KEYS) -> dict | None:
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:  # np.load leaks its handle on a bad zip
             arrays = {key: npz[key] for key in keys}
-        if "obs" in arrays:
-            check_episode_arrays({**arrays, **_lengths_only(arrays)})
+        check_episode_arrays(arrays)
         return arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         warnings.warn(f"skipping episode file {path}: {type(error).__name__}: {error}", stacklevel=2)
         return None
-
-
-def _lengths_only(arrays: dict) -> dict:
-    """Fill keys that were not loaded with placeholders of the right length, so checks can run on a subset."""
-    steps = len(arrays["obs"])
-    filler = {"action": np.zeros((steps, 3)), "reward": np.zeros(steps), "terminated": np.zeros(steps),
-              "truncated": np.zeros(steps)}
-    return {key: value for key, value in filler.items() if key not in arrays}
 
 
 def list_episodes(data_dir: Path, sources: Sequence[str] | None = None) -> list[Path]:
