@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from utils import UserError, list_episodes, run_main
+from utils import ControllerName, UserError, list_episodes, run_main
 from utils_rl import collect_episodes
 
 
@@ -37,7 +37,7 @@ class Args:
     """random: smooth Brownian driving that follows and leaves the road; agent: a trained agent plus noise"""
     ckpt_dir: Path = Path("checkpoints")
     """the agent, for --policy agent"""
-    controller: Literal["cmaes"] = "cmaes"
+    controller: ControllerName = "cmaes"
     """which controller of CKPT_DIR drives, for --policy agent"""
     noise: float = 0.1
     """std of the Gaussian exploration noise on the agent's actions, for --policy agent"""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils import UserError, atomic_write, run_main
+from utils import ControllerName, UserError, atomic_write, run_main
 from utils_rl import evaluate_agent
 
 
@@ -25,7 +25,7 @@ from utils_rl import evaluate_agent
 class Args:
     ckpt_dir: Path = Path("checkpoints")
     """the agent: vae.pt, world_model.pt and controller_<CONTROLLER>.pt"""
-    controller: Literal["cmaes"] = "cmaes"
+    controller: ControllerName = "cmaes"
     """which controller of CKPT_DIR"""
     episodes: int = 100
     seed: int = 1_000_000

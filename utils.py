@@ -18,7 +18,7 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 
 import cv2
 import numpy as np
@@ -404,32 +404,62 @@ def load_vae_and_world_model(ckpt_dir: Path, device="cpu"):
     return vae, world_model, checkpoint
 
 
-CONTROLLER_SCRIPTS = {"cmaes": "train_cmaes_in_dream.py"}  # controller name -> the stage that trains it
+ControllerName = Literal["ppo", "ppo_dream", "cmaes"]  # the controllers a checkpoint dir can hold
+CONTROLLER_SCRIPTS = {"ppo": "train_ppo.py", "ppo_dream": "train_ppo_in_dream.py",
+                      "cmaes": "train_cmaes_in_dream.py"}  # controller name -> the stage that trains it
+assert tuple(CONTROLLER_SCRIPTS) == get_args(ControllerName)
 
 
 def controller_path(ckpt_dir: Path, name: str) -> Path:
     return Path(ckpt_dir) / f"controller_{name}.pt"
 
 
+class FeatureTracker:
+    """The agent's features [z, h] for B envs: z is the VAE's mu of the current frame, h the world
+    model's memory of the (z, action) pairs so far. Per step: `observe(frames)` -> [z, h], the
+    controller acts, `remember(actions)` steps the world model so h includes that step."""
+
+    def __init__(self, vae, world_model, batch: int = 1, device="cpu"):
+        self.vae, self.world_model, self.device = vae, world_model, device
+        self.state = world_model.initial_state(batch, device)
+        self.z = torch.zeros(batch, world_model.config.latent_dim, device=device)
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """Preprocessed frames (B, 64, 64, 3) uint8 -> z (B, latent_dim), the VAE's mean."""
+        return self.vae.encode(ConvVAE.to_input(torch.as_tensor(frames, device=self.device)))[0]
+
+    def observe(self, frames: np.ndarray) -> torch.Tensor:
+        self.z = self.encode(frames)
+        return torch.cat([self.z, self.world_model.features(self.state)], -1)
+
+    @torch.no_grad()
+    def remember(self, actions: torch.Tensor) -> None:
+        _, self.state = self.world_model.step(self.z, actions, self.state)
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """Forget the past of the envs where `mask` (B,) is set (all if None)."""
+        initial = self.world_model.initial_state(len(self.state), self.device)
+        self.state = initial if mask is None else torch.where(mask[:, None].to(self.device), initial, self.state)
+
+
 class Agent:
     """VAE + world model + controller: preprocessed 64x64 frames in, actions out, h carried along.
 
-    Per step: z = the VAE's mu of the frame, action = controller([z, h]), then the world model steps
-    on (z, action) so h remembers. The collection-policy interface: `reset(seed)`, `agent(frame)`.
+    The collection-policy interface: `reset(seed)`, then `agent(frame)` per step.
     """
 
     def __init__(self, vae, world_model, controller, device="cpu"):
-        self.vae, self.world_model, self.controller, self.device = vae, world_model, controller, device
-        self.state = world_model.initial_state(1, device)
+        self.controller = controller
+        self.features = FeatureTracker(vae, world_model, 1, device)
 
     def reset(self, seed: int | None = None) -> None:
-        self.state = self.world_model.initial_state(1, self.device)
+        self.features.reset()
 
     @torch.no_grad()
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        z, _ = self.vae.encode(ConvVAE.to_input(torch.from_numpy(frame[None]).to(self.device)))
-        action = self.controller(torch.cat([z, self.world_model.features(self.state)], -1))
-        _, self.state = self.world_model.step(z, action, self.state)
+        action = self.controller(self.features.observe(frame[None]))
+        self.features.remember(action)
         return action[0].cpu().numpy().astype(np.float32)
 
 

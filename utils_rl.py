@@ -8,21 +8,25 @@ The dream (`BatchedDream`, `DreamEnv`) runs CarRacing inside a trained world mod
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import multiprocessing as mp
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fast_car_racing import make_fast_env
-from utils import (UserError, episode_dir, episode_path, is_complete_npz, list_episodes, load_agent,
-                   load_vae_and_world_model, preprocess_frame, save_episode)
+from utils import (FRAME_SIZE, FeatureTracker, UserError, checkpoint_identity, episode_dir, episode_path,
+                   is_complete_npz, list_episodes, load_agent, load_checkpoint, load_vae_and_world_model, plain,
+                   preprocess_frame, save_checkpoint, save_episode)
 
 ENV_ID = "CarRacing-v3"
 BACKENDS = ("fast", "gymnasium", "envpool")
@@ -464,3 +468,411 @@ class DreamEnv(gym.Env):
 
 
 gym.register("DreamCarRacing-v0", entry_point=DreamEnv)
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
+        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over a rollout of T steps of N envs.
+
+    rewards, values, dones (T, N): dones[t] is set when the episode ended at step t (its value target
+    then stops there; a truncation's bootstrap is already folded into its reward); last_value (N,) is
+    the value of the observation after the last step. Returns advantages and value targets, (T, N).
+    """
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(len(rewards))):
+        alive = 1.0 - dones[t].float()
+        delta = rewards[t] + gamma * next_value * alive - values[t]
+        running = delta + gamma * lam * alive * running
+        advantages[t] = running
+        next_value = values[t]
+    return advantages, advantages + values
+
+
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (the usual PPO reward normalisation):
+    CarRacing's +1000/N tile rewards and its -100 exit then reach the critic on a unit scale."""
+
+    def __init__(self, num_envs: int, gamma: float):
+        from actor_critic import RunningNorm
+
+        self.gamma, self.returns, self.stats = gamma, torch.zeros(num_envs), RunningNorm(1)
+
+    def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        self.returns = self.returns * self.gamma + reward
+        self.stats.update(self.returns[:, None])
+        self.returns = self.returns * ~done
+        return reward / torch.sqrt(self.stats.var + 1e-8)
+
+    def state_dict(self) -> dict:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state)
+
+
+def ppo_update(model, optimizer, batch: dict, epochs: int, minibatches: int, clip_coef: float, ent_coef: float,
+               vf_coef: float, max_grad_norm: float, target_kl: float = 0.0) -> dict:
+    """The clipped PPO update on one rollout. batch: obs (B, D), sample (B, 3) (the distribution's own
+    sample), log_prob, advantage, value_target (B,). Advantages are normalised per minibatch; with
+    target_kl > 0 the epochs stop early once the policy moved that far. Returns the last epoch's means."""
+    size = len(batch["obs"])
+    minibatch = max(1, size // minibatches)
+    for epoch in range(epochs):
+        stats = {"policy_loss": [], "value_loss": [], "entropy": [], "approx_kl": [], "clip_fraction": []}
+        permutation = torch.randperm(size)
+        for start in range(0, size - minibatch + 1, minibatch):
+            index = permutation[start:start + minibatch]
+            dist = model.policy(batch["obs"][index])
+            log_ratio = dist.log_prob(batch["sample"][index]) - batch["log_prob"][index]
+            ratio = log_ratio.exp()
+            advantage = batch["advantage"][index]
+            advantage = (advantage - advantage.mean()) / (advantage.std(unbiased=False) + 1e-8)
+            policy_loss = torch.max(-advantage * ratio,
+                                    -advantage * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+            value_loss = 0.5 * (model.value(batch["obs"][index]) - batch["value_target"][index]).pow(2).mean()
+            entropy = dist.entropy().mean()
+            loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                stats["approx_kl"].append(float(((ratio - 1) - log_ratio).mean()))  # the low-variance estimator
+                stats["clip_fraction"].append(float(((ratio - 1).abs() > clip_coef).float().mean()))
+            stats["policy_loss"].append(policy_loss.item()), stats["value_loss"].append(value_loss.item())
+            stats["entropy"].append(entropy.item())
+        if target_kl and np.mean(stats["approx_kl"]) > target_kl:
+            break
+    return {name: float(np.mean(values)) for name, values in stats.items()} | {"epochs": epoch + 1}
+
+
+class _PreprocessedEnv(gym.ObservationWrapper):
+    """make_env(backend) whose observation is the preprocessed 64x64 frame (done in the env's own
+    worker process, so only 12 KB per step cross the pipe)."""
+
+    def __init__(self, backend: str, max_steps: int):
+        super().__init__(make_env(backend, max_steps))
+        self.observation_space = gym.spaces.Box(0, 255, (FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+
+    def observation(self, frame: np.ndarray) -> np.ndarray:
+        return preprocess_frame(frame)
+
+
+def _env_batch_worker(connection, backend: str, max_steps: int, count: int) -> None:
+    """A worker process of ProcessVectorEnv: `count` preprocessed envs in one gymnasium SyncVectorEnv."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and closes us
+    _die_with_parent()
+    envs = gym.vector.SyncVectorEnv([lambda: _PreprocessedEnv(backend, max_steps)] * count,
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    while True:
+        command, payload = connection.recv()
+        if command == "reset":
+            connection.send(envs.reset(seed=payload)[0])
+        elif command == "step":
+            frames, reward, terminated, truncated, info = envs.step(payload)
+            done = terminated | truncated
+            last = np.stack([info["final_obs"][i] if done[i] else frames[i] for i in range(count)])
+            connection.send((frames, reward, terminated, truncated, last))
+        else:
+            envs.close()
+            connection.close()
+            return
+
+
+class ProcessVectorEnv:
+    """N preprocessed CarRacing envs over W worker processes, N / W in each (a gymnasium SyncVectorEnv
+    per worker, same-step autoreset). gymnasium's AsyncVectorEnv runs one process per env: measured
+    here, 2 processes step 930-990 env steps/s and 4 only 745, so several envs share each process.
+
+    `step` returns frames, reward, terminated, truncated (N,) and last_frames: for an env whose
+    episode ended at this step, its episode's last frame (frames then holds the next episode's first).
+    """
+
+    def __init__(self, num_envs: int, backend: str = "fast", max_steps: int = 1000, workers: int = 2):
+        make_env(backend, max_steps).close()  # a bad backend fails here, in one line, not in a worker
+        workers = max(1, min(workers, num_envs))
+        self.counts = [num_envs // workers + (i < num_envs % workers) for i in range(workers)]
+        context = mp.get_context("spawn")
+        self.connections, self.processes = [], []
+        for count in self.counts:
+            parent, child = context.Pipe()
+            process = context.Process(target=_env_batch_worker, args=(child, backend, max_steps, count), daemon=True)
+            process.start()
+            child.close()
+            self.connections.append(parent), self.processes.append(process)
+
+    def reset(self, seed: int) -> np.ndarray:
+        """Env i starts on track seed seed + i, then draws its own stream of tracks."""
+        offsets = np.cumsum([0] + self.counts[:-1])
+        for connection, offset in zip(self.connections, offsets):
+            connection.send(("reset", seed + int(offset)))
+        return np.concatenate([connection.recv() for connection in self.connections])
+
+    def step(self, actions: np.ndarray):
+        bounds = np.cumsum([0] + self.counts)
+        for connection, start, stop in zip(self.connections, bounds[:-1], bounds[1:]):
+            connection.send(("step", actions[start:stop]))
+        results = [connection.recv() for connection in self.connections]  # the workers step in parallel
+        return tuple(np.concatenate(parts) for parts in zip(*results))
+
+    def close(self) -> None:
+        for connection, process in zip(self.connections, self.processes):
+            try:
+                connection.send(("close", None))
+            except OSError:
+                pass
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+
+
+class RealFeatureEnvs:
+    """N real CarRacing envs in worker processes (ProcessVectorEnv), seen through the agent's features
+    [z, h] (the frozen VAE and world model; h carried online per env).
+
+    Same-step autoreset: the step that ends an episode returns the next episode's first observation,
+    and that step's reward and flags; `final_obs` then holds, for the envs that ended, the features of
+    the episode's last frame (to bootstrap a truncated episode's value). Torch tensors in and out.
+    """
+
+    kind = "real"
+
+    def __init__(self, ckpt_dir: Path, num_envs: int, backend: str = "fast", max_steps: int = 1000, seed: int = 0,
+                 device="cpu", workers: int = 2):
+        vae, world_model, _ = load_vae_and_world_model(Path(ckpt_dir), device)
+        self.num_envs, self.seed, self.device = num_envs, seed, device
+        self.obs_dim = world_model.config.latent_dim + world_model.config.hidden_dim
+        self.features = FeatureTracker(vae, world_model, num_envs, device)
+        self.envs = ProcessVectorEnv(num_envs, backend, max_steps, workers)
+
+    def reset(self) -> torch.Tensor:
+        frames = self.envs.reset(self.seed)
+        self.features.reset()
+        return self.features.observe(frames)
+
+    def step(self, actions: torch.Tensor):
+        """actions (N, 3) -> obs (N, D), reward (N,), terminated (N,), truncated (N,), final_obs (N, D)."""
+        frames, reward, terminated, truncated, last_frames = self.envs.step(actions.cpu().numpy())
+        self.features.remember(actions)
+        done = torch.from_numpy(terminated | truncated)
+        final_obs = None
+        if done.any():  # the features of each ended episode's last frame, with the memory of its last step
+            final_obs = torch.cat([self.features.encode(last_frames), self.features.world_model.features(
+                self.features.state)], -1)
+        self.features.reset(done)
+        obs = self.features.observe(frames)
+        final_obs = obs if final_obs is None else torch.where(done[:, None].to(obs.device), final_obs, obs)
+        return (obs, torch.as_tensor(reward, dtype=torch.float32), torch.from_numpy(terminated),
+                torch.from_numpy(truncated), final_obs)
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+class DreamFeatureEnvs:
+    """A BatchedDream with same-step autoreset, the interface of RealFeatureEnvs: each new dream episode
+    draws the next seed of this run's own sequence (seed * 2**32 + episode count)."""
+
+    kind = "dream"
+
+    def __init__(self, dream: BatchedDream, seed: int = 0):
+        self.dream, self.num_envs, self.obs_dim = dream, dream.num_envs, dream.obs_dim
+        self.next_seed = seed * 2**32
+
+    def _seeds(self) -> torch.Tensor:
+        seeds = torch.arange(self.next_seed, self.next_seed + self.num_envs)
+        self.next_seed += self.num_envs
+        return seeds
+
+    def reset(self) -> torch.Tensor:
+        return self.dream.reset(self._seeds())
+
+    def step(self, actions: torch.Tensor):
+        obs, reward, terminated, truncated = self.dream.step(actions)
+        done = terminated | truncated
+        final_obs = obs.clone()
+        if done.any():
+            obs = self.dream.reset(self._seeds(), done)
+        return obs, reward, terminated, truncated, final_obs
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class PPOArgs:
+    """Flags of the PPO stages (train_ppo.py, train_ppo_in_dream.py)."""
+
+    ckpt_dir: Path = Path("checkpoints")
+    """reads vae.pt and world_model.pt, writes controller_<name>.pt and <name>_latest.pt"""
+    log_dir: Path = Path("runs")
+    total_steps: int = 1_000_000
+    """env steps over all envs (a resumed run trains up to this many)"""
+    num_envs: int = 8
+    rollout_steps: int = 128
+    """steps per env between updates"""
+    learning_rate: float = 3e-4
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over total_steps"""
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    update_epochs: int = 10
+    minibatches: int = 8
+    clip_coef: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float = 0.0
+    """stop an update's epochs once the approximate KL passes this (0: never)"""
+    hidden_dim: int = 256
+    distribution: Literal["beta", "tanh_normal"] = "beta"
+    """the actor's distribution over the bounded action"""
+    max_steps: int = 1000
+    """episode length"""
+    eval_every: int = 20
+    """play the deterministic policy in the real env every this many updates (0: never)"""
+    eval_episodes: int = 4
+    eval_seed: int = 5_000_000
+    """real tracks for those checks (apart from the final evaluation's 1,000,000+)"""
+    workers: int = 2
+    """worker processes for the real envs (training envs and checks)"""
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    fresh: bool = False
+    """ignore <name>_latest.pt and start over"""
+
+
+def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
+    """The PPO loop shared by train_ppo.py (real envs) and train_ppo_in_dream.py (dreams).
+
+    `envs`: RealFeatureEnvs or DreamFeatureEnvs. Writes CKPT_DIR/controller_<name>.pt (the actor-critic,
+    with the identities of the VAE and world model) and <name>_latest.pt (plus optimizer and reward
+    scaler: re-running resumes) after every update, TensorBoard scalars under LOG_DIR/<name>-<time>/
+    (`<kind>/episode_return` for the training episodes, `eval/real_return` every EVAL_EVERY updates, and
+    whatever `extra_eval(model)` returns then). Returns the last metrics.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from actor_critic import ActorCritic, ControllerConfig, to_env_action
+
+    batch_size = args.num_envs * args.rollout_steps
+    updates = args.total_steps // batch_size
+    if updates < 1 or args.minibatches < 1 or args.update_epochs < 1:
+        raise UserError(f"--total-steps ({args.total_steps}) must hold at least one rollout of --num-envs x "
+                        f"--rollout-steps ({batch_size}); --minibatches and --update-epochs at least 1")
+    identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
+                  "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
+    config = ControllerConfig(kind="actor_critic", obs_dim=envs.obs_dim, hidden_dim=args.hidden_dim,
+                              distribution=args.distribution)
+    model = ActorCritic(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    scaler = RewardScaler(args.num_envs, args.gamma)
+    latest_path, out_path = args.ckpt_dir / f"{name}_latest.pt", args.ckpt_dir / f"controller_{name}.pt"
+
+    start_update, log_dir = 0, args.log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    checkpoint = (load_checkpoint(latest_path, map_location=device, stage_hint=f"{name} --fresh")
+                  if latest_path.exists() and not args.fresh else None)
+    if checkpoint and checkpoint["world_model"]["sha256"] != identities["world_model"]["sha256"]:
+        print(f"{latest_path} was trained on an earlier world model: starting a new run on the current one")
+        checkpoint = None
+    if checkpoint:
+        if checkpoint["config"] != plain(config):
+            raise UserError(f"{latest_path} was trained with {checkpoint['config']}: use the same sizes or --fresh")
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["reward_scaler"])
+        start_update, log_dir = checkpoint["update"], Path(checkpoint["log_dir"])
+        print(f"resuming from {latest_path}: update {start_update} of {updates}, {checkpoint['env_steps']} env steps")
+    if start_update >= updates:
+        print(f"{latest_path} has already trained {start_update} updates; nothing to do")
+        return checkpoint["metrics"]
+
+    print(f"PPO ({args.distribution} actor) on {envs.num_envs} {envs.kind} envs: {updates} updates of "
+          f"{batch_size} steps ({updates * batch_size:,} env steps) on {device}; logs in {log_dir}")
+    writer = SummaryWriter(log_dir)
+    writer.add_text("args", str(plain(args)))
+    shape = (args.rollout_steps, args.num_envs)
+    buffer = {"obs": torch.zeros(*shape, envs.obs_dim, device=device), "sample": torch.zeros(*shape, 3, device=device),
+              **{key: torch.zeros(shape, device=device) for key in ("log_prob", "value", "reward", "done")}}
+    episode_returns, finished = torch.zeros(args.num_envs), []
+    metrics: dict = {}
+    obs = envs.reset().to(device)
+    bar = tqdm(total=updates * batch_size, initial=start_update * batch_size, unit="step", desc=name,
+               dynamic_ncols=True)
+    try:
+        for update in range(start_update, updates):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - update / updates)
+            rollout_start = time.perf_counter()
+            for t in range(args.rollout_steps):
+                with torch.no_grad():
+                    dist = model.policy(obs)
+                    sample = dist.sample()
+                    buffer["log_prob"][t], buffer["value"][t] = dist.log_prob(sample), model.value(obs)
+                buffer["obs"][t], buffer["sample"][t] = obs, sample
+                obs, reward, terminated, truncated, final_obs = envs.step(to_env_action(dist.unit_action(sample)))
+                obs, reward, final_obs = obs.to(device), reward.cpu(), final_obs.to(device)
+                done = (terminated | truncated).cpu()
+                episode_returns += reward
+                finished += episode_returns[done].tolist()
+                episode_returns[done] = 0
+                scaled = scaler(reward, done).to(device)
+                if truncated.any():  # the episode was cut, not over: bootstrap from its last observation
+                    with torch.no_grad():
+                        scaled += args.gamma * model.value(final_obs) * truncated.to(device).float()
+                buffer["reward"][t], buffer["done"][t] = scaled, done.to(device).float()
+            with torch.no_grad():
+                advantage, value_target = gae(buffer["reward"], buffer["value"], buffer["done"], model.value(obs),
+                                              args.gamma, args.gae_lambda)
+            rollout_seconds = time.perf_counter() - rollout_start
+            batch = {key: buffer[key].flatten(0, 1) for key in ("obs", "sample", "log_prob")}
+            batch |= {"advantage": advantage.flatten(), "value_target": value_target.flatten()}
+            metrics = ppo_update(model, optimizer, batch, args.update_epochs, args.minibatches, args.clip_coef,
+                                 args.ent_coef, args.vf_coef, args.max_grad_norm, args.target_kl)
+            model.obs_norm.update(batch["obs"])  # between updates: see RunningNorm
+            if not all(math.isfinite(value) for value in metrics.values()):
+                raise UserError(f"PPO diverged at update {update + 1} ({metrics}); the last good checkpoint is "
+                                f"{latest_path}")
+            env_steps = (update + 1) * batch_size
+            metrics |= {"steps_per_second": batch_size / rollout_seconds,
+                        "explained_variance": float(1 - (value_target - buffer["value"]).var() / value_target.var())}
+            if finished:
+                metrics[f"{envs.kind}_episode_return"] = float(np.mean(finished[-20:]))
+                for value in finished:
+                    writer.add_scalar(f"{envs.kind}/episode_return", value, env_steps)
+                finished = finished[-20:]
+            for key, value in metrics.items():
+                writer.add_scalar(f"ppo/{key}", value, env_steps)
+            writer.add_scalar("ppo/learning_rate", optimizer.param_groups[0]["lr"], env_steps)
+            checkpoint = {"config": plain(config), "state_dict": model.state_dict(), "args": plain(args),
+                          "update": update + 1, "env_steps": env_steps, "metrics": metrics, "log_dir": str(log_dir),
+                          **identities}
+            save_checkpoint(out_path, checkpoint)
+            save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict(),
+                                          "reward_scaler": scaler.state_dict()})
+            if args.eval_every and ((update + 1) % args.eval_every == 0 or update + 1 == updates):
+                real = evaluate_agent(args.ckpt_dir, name, args.eval_episodes, args.eval_seed, args.workers,
+                                      args.max_steps, progress=False)
+                writer.add_scalar("eval/real_return", real["mean"], env_steps)
+                line = f"update {update + 1}: real env {real['mean']:.1f} ± {real['std']:.1f} over {args.eval_episodes} tracks"
+                for key, value in (extra_eval(model) if extra_eval else {}).items():
+                    writer.add_scalar(f"eval/{key}", value, env_steps)
+                    line += f", {key.replace('_', ' ')} {value:.1f}"
+                bar.write(line)
+                metrics["real_return"] = real["mean"]
+            bar.update(batch_size)
+            bar.set_postfix(ret=f"{metrics.get(f'{envs.kind}_episode_return', float('nan')):.1f}",
+                            sps=f"{metrics['steps_per_second']:.0f}", kl=f"{metrics['approx_kl']:.3f}", refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+        envs.close()
+    print(f"controller in {out_path}")
+    return metrics

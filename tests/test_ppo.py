@@ -1,0 +1,163 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from actor_critic import ActorCritic, ControllerConfig
+from conftest import make_checkpoint_dir, run_script
+from test_controllers import gas_pays_world_model
+from utils import UserError, controller_path, load_agent, load_checkpoint, save_checkpoint
+from utils_rl import BatchedDream, DreamFeatureEnvs, PPOArgs, RealFeatureEnvs, gae, ppo_update, train_ppo
+
+
+def test_gae_matches_a_plain_reference_loop():
+    torch.manual_seed(0)
+    steps, envs, gamma, lam = 9, 3, 0.9, 0.8
+    rewards, values, last_value = torch.randn(steps, envs), torch.randn(steps, envs), torch.randn(envs)
+    dones = torch.rand(steps, envs) < 0.3
+    advantages, targets = gae(rewards, values, dones, last_value, gamma, lam)
+    for n in range(envs):
+        for t in range(steps):
+            expected, discount = 0.0, 1.0
+            for k in range(t, steps):  # sum of (gamma lam)^(k-t) delta_k, up to the episode's end
+                next_value = last_value[n] if k == steps - 1 else values[k + 1, n]
+                delta = rewards[k, n] + gamma * next_value * (not dones[k, n]) - values[k, n]
+                expected += discount * delta
+                if dones[k, n]:
+                    break
+                discount *= gamma * lam
+            assert advantages[t, n].item() == pytest.approx(float(expected), abs=1e-5)
+    torch.testing.assert_close(targets, advantages + values)
+
+
+def unit_to_sample(distribution: str, unit: torch.Tensor) -> torch.Tensor:
+    return (unit + 1) / 2 if distribution == "beta" else torch.atanh(unit)
+
+
+@pytest.mark.parametrize("distribution", ["beta", "tanh_normal"])
+def test_actor_log_prob_is_a_density_on_the_bounded_action(distribution):
+    torch.manual_seed(1)
+    model = ActorCritic(ControllerConfig(kind="actor_critic", obs_dim=4, hidden_dim=8, distribution=distribution))
+    with torch.no_grad():
+        model.actor[-1].weight.normal_(0, 0.5)  # a policy that is not just the initial one
+        dist = model.policy(torch.randn(1, 4))
+        points = 60  # midpoint rule over the unit action box [-1, 1]^3
+        axis = -1 + (torch.arange(points) + 0.5) * 2 / points
+        grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+        mass = dist.log_prob(unit_to_sample(distribution, grid)).exp().sum() * (2 / points) ** 3
+        assert mass.item() == pytest.approx(1.0, abs=0.03)
+        samples = torch.cat([dist.sample() for _ in range(4000)])
+        unit = dist.unit_action(samples)
+        assert unit.abs().max() <= 1
+        if distribution == "beta":  # closed-form entropy = the Monte-Carlo estimate -E[log p]
+            assert dist.entropy().item() == pytest.approx(-dist.log_prob(samples).mean().item(), abs=0.08)
+        else:
+            assert math.isfinite(dist.entropy().item())
+        actions = model(torch.randn(50, 4))
+        assert actions[:, 0].abs().max() <= 1 and actions[:, 1:].min() >= 0 and actions[:, 1:].max() <= 1
+
+
+@pytest.mark.parametrize("distribution", ["beta", "tanh_normal"])
+def test_one_ppo_update_changes_the_policy_and_stays_finite(distribution):
+    torch.manual_seed(2)
+    model = ActorCritic(ControllerConfig(kind="actor_critic", obs_dim=4, hidden_dim=16, distribution=distribution))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    obs = torch.randn(64, 4)
+    with torch.no_grad():
+        dist = model.policy(obs)
+        sample = dist.sample()
+        log_prob = dist.log_prob(sample)
+    advantage = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = ppo_update(model, optimizer, {"obs": obs, "sample": sample, "log_prob": log_prob,
+                                            "advantage": advantage, "value_target": torch.randn(64)},
+                         epochs=2, minibatches=2, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5)
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with torch.no_grad():
+        change = model.policy(obs).log_prob(sample) - log_prob
+    assert change[advantage > 0].mean() > change[advantage < 0].mean(), "good actions became likelier"
+
+
+def tiny_ppo_args(ckpt, tmp_path, **overrides) -> PPOArgs:
+    values = dict(ckpt_dir=ckpt, log_dir=tmp_path / "runs", num_envs=16, rollout_steps=20, total_steps=16 * 20 * 20,
+                  max_steps=20, hidden_dim=32, learning_rate=3e-3, eval_every=0, device="cpu", minibatches=4)
+    return PPOArgs(**(values | overrides))
+
+
+def test_ppo_in_a_tiny_dream_learns_to_press_the_gas(tmp_path):
+    model = gas_pays_world_model()  # reward tanh(gas) at every step
+    ckpt = make_checkpoint_dir(tmp_path, world_model=model)
+    torch.manual_seed(0)
+    dream = BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
+    metrics = train_ppo(tiny_ppo_args(ckpt, tmp_path), DreamFeatureEnvs(dream), "ppo_dream", torch.device("cpu"))
+    agent = load_agent(ckpt, "ppo_dream")
+    gas = np.mean([agent(np.zeros((64, 64, 3), np.uint8))[1] for _ in range(5)])
+    assert gas > 0.72, f"the initial policy's gas is 0.5; trained {gas:.2f}"
+    assert metrics["dream_episode_return"] > 20 * math.tanh(0.6)  # 9.2 at the start
+
+
+def test_real_feature_envs_reset_memory_and_return_the_last_frame(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    envs = RealFeatureEnvs(ckpt, num_envs=2, max_steps=3, seed=5, workers=1)
+    try:
+        obs = envs.reset()
+        actions = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+        assert torch.all(obs[:, 4:] == 0), "h starts at the world model's initial state"
+        for step in range(3):
+            obs, reward, terminated, truncated, final_obs = envs.step(actions)
+            if step < 2:
+                assert not truncated.any() and torch.equal(final_obs, obs) and torch.all(obs[:, 4:] != 0)
+        assert truncated.all() and not terminated.any()
+        assert torch.all(obs[:, 4:] == 0), "a new episode starts with a fresh memory"
+        assert torch.all(final_obs[:, 4:] != 0) and not torch.equal(final_obs[:, :4], obs[:, :4])
+    finally:
+        envs.close()
+
+
+def test_ppo_stages_checkpoint_resume_and_evaluate(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    common = ["--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"), "--rollout-steps", "8", "--max-steps",
+              "20", "--hidden-dim", "16", "--minibatches", "2", "--update-epochs", "2"]
+    dream = ["train_ppo_in_dream.py", *common, "--num-envs", "8", "--eval-every", "0"]
+    first = run_script(*dream, "--total-steps", "64")
+    assert first.returncode == 0, first.stderr
+    second = run_script(*dream, "--total-steps", "128")
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout
+    checkpoint = load_checkpoint(controller_path(ckpt, "ppo_dream"))
+    assert checkpoint["update"] == 2 and checkpoint["env_steps"] == 128 and "optimizer" not in checkpoint
+    assert checkpoint["world_model"]["sha256"] and checkpoint["vae"]["sha256"]
+
+    real = run_script("train_ppo.py", *common, "--num-envs", "2", "--total-steps", "32", "--eval-every", "2",
+                      "--eval-episodes", "1")
+    assert real.returncode == 0, real.stderr
+    assert "update 2: real env" in real.stdout + real.stderr
+    out = tmp_path / "eval.json"
+    result = run_script("evaluate.py", "--ckpt-dir", str(ckpt), "--controller", "ppo", "--episodes", "2",
+                        "--max-steps", "20", "--workers", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["controller"] == "ppo"
+
+
+def test_ppo_controller_damage_is_one_clear_error(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    with pytest.raises(UserError, match="not found.*train_ppo.py"):
+        load_agent(ckpt, "ppo")
+    config = ControllerConfig(kind="actor_critic", obs_dim=20, hidden_dim=8)
+    from utils import checkpoint_identity, plain
+
+    save_checkpoint(controller_path(ckpt, "ppo"), {
+        "config": plain(config), "state_dict": ActorCritic(config).state_dict(),
+        "vae": checkpoint_identity(ckpt / "vae.pt"), "world_model": {"sha256": "another"}})
+    with pytest.raises(UserError, match="trained with another world model.*train_ppo.py"):
+        load_agent(ckpt, "ppo")
+    save_checkpoint(controller_path(ckpt, "ppo"), {
+        "config": plain(config) | {"hidden_dim": 16}, "state_dict": ActorCritic(config).state_dict(),
+        "vae": checkpoint_identity(ckpt / "vae.pt"), "world_model": checkpoint_identity(ckpt / "world_model.pt")})
+    with pytest.raises(UserError, match="not a controller checkpoint"):
+        load_agent(ckpt, "ppo")
+    result = run_script("train_ppo.py", "--ckpt-dir", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "not found" in result.stderr
