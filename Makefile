@@ -51,7 +51,13 @@ smoke: venv
 		--epochs 1 --batch-size 2 --hidden-dim 32
 	$(PY) train_cmaes_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
 		--generations 2 --popsize 4 --rollouts 2 --max-steps 50 --eval-every 0
-	$(PY) evaluate.py --ckpt-dir $(RUN_DIR)/checkpoints --controller cmaes --episodes 2 --max-steps 100
+	$(PY) train_ppo.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
+		--total-steps 512 --num-envs 4 --rollout-steps 64 --max-steps 100 --hidden-dim 32 --eval-every 0
+	$(PY) train_ppo_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
+		--total-steps 2048 --num-envs 16 --rollout-steps 64 --max-steps 50 --hidden-dim 32 --eval-every 0
+	for controller in cmaes ppo ppo_dream; do \
+		$(PY) evaluate.py --ckpt-dir $(RUN_DIR)/checkpoints --controller $$controller --episodes 2 --max-steps 100 || exit 1; \
+	done
 
 bench: venv
 	$(PY) benchmarks/bench.py

@@ -1,6 +1,6 @@
 """Evaluate an agent on CarRacing-v3: N episodes on track seeds S..S+N-1, deterministic actions.
 
-Reads:  CKPT_DIR/vae.pt, world_model.pt and controller_<CONTROLLER>.pt (checked to belong together).
+Reads:  CKPT_DIR (default pretrained/)/vae.pt, world_model.pt and controller_<CONTROLLER>.pt (checked to belong together).
 Writes: a JSON summary (contract): env_id, episodes, seed, mean, std, min, max, returns (in seed
         order), plus the controller, checkpoint dir, backend and wall-clock; to --out, or to
         CKPT_DIR/eval_<CONTROLLER>.json by default.
@@ -17,16 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils import ControllerName, UserError, atomic_write, run_main
+from utils import ControllerName, UserError, agent_dir_and_controller, atomic_write, run_main
 from utils_rl import evaluate_agent
 
 
 @dataclass
 class Args:
-    ckpt_dir: Path = Path("checkpoints")
-    """the agent: vae.pt, world_model.pt and controller_<CONTROLLER>.pt"""
-    controller: ControllerName = "cmaes"
-    """which controller of CKPT_DIR"""
+    ckpt_dir: Path | None = None
+    """the agent: vae.pt, world_model.pt and controller_<CONTROLLER>.pt (default: pretrained/, the shipped one)"""
+    controller: ControllerName | None = None
+    """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
     episodes: int = 100
     seed: int = 1_000_000
     """first track seed; episode i plays track SEED + i"""
@@ -42,6 +42,7 @@ class Args:
 def main(args: Args) -> None:
     if args.episodes < 1 or args.workers < 1 or args.max_steps < 1:
         raise UserError("--episodes, --workers and --max-steps must be at least 1")
+    args.ckpt_dir, args.controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
     result = evaluate_agent(args.ckpt_dir, args.controller, args.episodes, args.seed, args.workers, args.max_steps,
                             args.env_backend)
     out = args.out or args.ckpt_dir / f"eval_{args.controller}.json"

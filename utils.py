@@ -414,6 +414,25 @@ def controller_path(ckpt_dir: Path, name: str) -> Path:
     return Path(ckpt_dir) / f"controller_{name}.pt"
 
 
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"  # the shipped agent
+
+
+def agent_dir_and_controller(ckpt_dir: Path | None, controller: str | None) -> tuple[Path, str]:
+    """The agent a watching/evaluation script plays: CKPT_DIR (default: pretrained/) and the controller
+    named, or else the first of CONTROLLER_SCRIPTS' order that CKPT_DIR holds."""
+    ckpt_dir = PRETRAINED_DIR if ckpt_dir is None else Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint dir {ckpt_dir} not found" +
+                        (": no agent has been shipped yet, pass --ckpt-dir checkpoints" if ckpt_dir == PRETRAINED_DIR
+                         else ""))
+    if controller is None:
+        found = [name for name in CONTROLLER_SCRIPTS if controller_path(ckpt_dir, name).exists()]
+        if not found:
+            raise UserError(f"no controller_*.pt in {ckpt_dir}: train one ({', '.join(CONTROLLER_SCRIPTS.values())})")
+        controller = found[0]
+    return ckpt_dir, controller
+
+
 class FeatureTracker:
     """The agent's features [z, h] for B envs: z is the VAE's mu of the current frame, h the world
     model's memory of the (z, action) pairs so far. Per step: `observe(frames)` -> [z, h], the

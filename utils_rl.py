@@ -403,14 +403,16 @@ class BatchedDream:
     def observation(self):
         return torch.cat([self.z, self.model.features(self.state)], -1)
 
-    def reset(self, seeds, mask=None):
-        """(Re)start the envs where `mask` (all if None) with the given seeds (B,); returns the observation."""
+    def reset(self, seeds, mask=None, z=None):
+        """(Re)start the envs where `mask` (all if None) with the given seeds (B,); returns the observation.
+        The start latent is drawn from the bank with the seed, or given as `z` (B, latent)."""
         seeds = torch.as_tensor(seeds, dtype=torch.int64, device=self.device)
         mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) if mask is None else mask
-        start = torch.full_like(seeds, -1)  # step -1: the draws that pick and sample the start latent
-        uniform = counter_uniform(seeds, start, 1 + 2 * self.latent_dim)
-        pick = (uniform[:, 0] * len(self.start_mu)).long().clamp(max=len(self.start_mu) - 1)
-        z = self.start_mu[pick] + torch.exp(0.5 * self.start_logvar[pick]) * box_muller(uniform[:, 1:])
+        if z is None:
+            start = torch.full_like(seeds, -1)  # step -1: the draws that pick and sample the start latent
+            uniform = counter_uniform(seeds, start, 1 + 2 * self.latent_dim)
+            pick = (uniform[:, 0] * len(self.start_mu)).long().clamp(max=len(self.start_mu) - 1)
+            z = self.start_mu[pick] + torch.exp(0.5 * self.start_logvar[pick]) * box_muller(uniform[:, 1:])
         self.seeds = torch.where(mask, seeds, self.seeds)
         self.t = torch.where(mask, torch.zeros_like(self.t), self.t)
         self.z = torch.where(mask[:, None], z, self.z)
