@@ -803,7 +803,7 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
     shape = (args.rollout_steps, args.num_envs)
     buffer = {"obs": torch.zeros(*shape, envs.obs_dim, device=device), "sample": torch.zeros(*shape, 3, device=device),
               **{key: torch.zeros(shape, device=device) for key in ("log_prob", "value", "reward", "done")}}
-    episode_returns, finished = torch.zeros(args.num_envs), []
+    episode_returns, finished, recent = torch.zeros(args.num_envs), [], []  # finished: this update's
     metrics: dict = {}
     obs = envs.reset().to(device)
     bar = tqdm(total=updates * batch_size, initial=start_update * batch_size, unit="step", desc=name,
@@ -845,11 +845,12 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
             env_steps = (update + 1) * batch_size
             metrics |= {"steps_per_second": batch_size / rollout_seconds,
                         "explained_variance": float(1 - (value_target - buffer["value"]).var() / value_target.var())}
-            if finished:
-                metrics[f"{envs.kind}_episode_return"] = float(np.mean(finished[-20:]))
-                for value in finished:
-                    writer.add_scalar(f"{envs.kind}/episode_return", value, env_steps)
-                finished = finished[-20:]
+            for value in finished:
+                writer.add_scalar(f"{envs.kind}/episode_return", value, env_steps)
+            recent = (recent + finished)[-20:]
+            finished = []
+            if recent:
+                metrics[f"{envs.kind}_episode_return"] = float(np.mean(recent))  # the last 20 episodes
             for key, value in metrics.items():
                 writer.add_scalar(f"ppo/{key}", value, env_steps)
             writer.add_scalar("ppo/learning_rate", optimizer.param_groups[0]["lr"], env_steps)
