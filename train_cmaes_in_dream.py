@@ -26,16 +26,13 @@ import torch
 from tqdm import tqdm
 
 from actor_critic import ControllerConfig, LinearController, population_actions
-from utils import (UserError, checkpoint_identity, controller_path, load_checkpoint, load_vae_and_world_model, plain,
-                   run_main, save_checkpoint, setup_stage)
-from utils_rl import BatchedDream, evaluate_agent
+from utils import (UserError, checkpoint_identity, controller_path, load_vae_and_world_model, plain,
+                   resume_controller_checkpoint, run_main, save_checkpoint, setup_stage)
+from utils_rl import BatchedDream, ControllerStageArgs, evaluate_agent
 
 
 @dataclass
-class Args:
-    ckpt_dir: Path = Path("checkpoints")
-    """reads vae.pt and world_model.pt, writes controller_cmaes.pt and cmaes_latest.pt"""
-    log_dir: Path = Path("runs")
+class Args(ControllerStageArgs):
     generations: int = 100
     """total generations (a resumed run evolves up to this many)"""
     popsize: int = 64
@@ -43,22 +40,10 @@ class Args:
     """dream episodes per candidate"""
     temperature: float = 1.0
     """dream sampling temperature (higher: a harder, noisier dream that is harder to exploit)"""
-    max_steps: int = 1000
-    """dream episode length"""
     sigma0: float = 0.1
     """initial CMA-ES step size"""
     eval_every: int = 10
-    """play the mean controller in the real env every this many generations (0: never)"""
-    eval_episodes: int = 4
-    eval_seed: int = 5_000_000
-    """real tracks for those checks (apart from the final evaluation's 1,000,000+)"""
-    workers: int = 2
-    """worker processes for the real-env checks"""
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
-    fresh: bool = False
-    """ignore cmaes_latest.pt and start over"""
+    """play the CMA-ES mean in the real env every this many generations (0: never)"""
 
 
 @torch.no_grad()
@@ -91,14 +76,9 @@ def main(args: Args) -> None:
 
     es, start_gen, best_fitness = None, 0, -math.inf
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
-    checkpoint = (load_checkpoint(latest_path, stage_hint="train_cmaes_in_dream.py --fresh")
-                  if latest_path.exists() and not args.fresh else None)
-    if checkpoint and checkpoint["world_model"]["sha256"] != identities["world_model"]["sha256"]:
-        print(f"{latest_path} was evolved in an earlier world model: starting a new evolution in the current one")
-        checkpoint = None
+    checkpoint = resume_controller_checkpoint(latest_path, args.fresh, identities["world_model"]["sha256"], config,
+                                              "train_cmaes_in_dream.py")
     if checkpoint:
-        if checkpoint["config"] != plain(config):
-            raise UserError(f"{latest_path} was evolved with controller size {checkpoint['config']}: use --fresh")
         es = pickle.loads(checkpoint["es"])  # our own evolution state, written by this script
         start_gen, best_fitness, log_dir = checkpoint["generation"], checkpoint["best_fitness"], Path(checkpoint["log_dir"])
         print(f"resuming from {latest_path}: generation {start_gen}, best dream fitness {best_fitness:.1f}")

@@ -117,6 +117,23 @@ def resume_checkpoint(latest_path: Path, args: StageArgs, config, model, optimiz
     return checkpoint
 
 
+def resume_controller_checkpoint(latest_path: Path, fresh: bool, world_model_sha256: str, config, script: str,
+                                 device="cpu") -> dict | None:
+    """A controller stage's resumable checkpoint, or None to start over: with --fresh, when there is none
+    yet, or when it was trained in an earlier world model (an on-policy round retrained it; said in a line).
+    Other controller sizes are a UserError (use the same sizes or --fresh)."""
+    if fresh or not latest_path.exists():
+        return None
+    checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint=f"{script} --fresh")
+    if checkpoint.get("world_model", {}).get("sha256") != world_model_sha256:
+        print(f"{latest_path} was trained in an earlier world model: starting over in the current one")
+        return None
+    if checkpoint["config"] != plain(config):
+        raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
+                        "use the same sizes or --fresh")
+    return checkpoint
+
+
 # ----------------------------------------------------------------------------- seeding, devices
 
 

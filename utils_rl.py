@@ -24,9 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from fast_car_racing import make_fast_env
-from utils import (FRAME_SIZE, FeatureTracker, UserError, checkpoint_identity, episode_dir, episode_path,
-                   is_complete_npz, list_episodes, load_agent, load_checkpoint, load_vae_and_world_model, plain,
-                   preprocess_frame, save_checkpoint, save_episode)
+from utils import (CONTROLLER_SCRIPTS, FRAME_SIZE, FeatureTracker, UserError, checkpoint_identity, episode_dir,
+                   episode_path, is_complete_npz, list_episodes, load_agent, load_vae_and_world_model, plain,
+                   preprocess_frame, resume_controller_checkpoint, save_checkpoint, save_episode)
 
 ENV_ID = "CarRacing-v3"
 BACKENDS = ("fast", "gymnasium", "envpool")
@@ -707,12 +707,34 @@ class DreamFeatureEnvs:
 
 
 @dataclasses.dataclass
-class PPOArgs:
-    """Flags of the PPO stages (train_ppo.py, train_ppo_in_dream.py)."""
+class ControllerStageArgs:
+    """Flags every controller stage shares (train_ppo.py, train_ppo_in_dream.py, train_cmaes_in_dream.py)."""
 
     ckpt_dir: Path = Path("checkpoints")
     """reads vae.pt and world_model.pt, writes controller_<name>.pt and <name>_latest.pt"""
     log_dir: Path = Path("runs")
+    max_steps: int = 1000
+    """episode length"""
+    eval_every: int = 20
+    """play the current controller deterministically in the real env every this many updates or
+    generations (0: never)"""
+    eval_episodes: int = 4
+    eval_seed: int = 5_000_000
+    """real tracks for those checks (apart from the final evaluation's 1,000,000+)"""
+    workers: int = 2
+    """worker processes for the real envs (training envs and checks)"""
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    fresh: bool = False
+    """ignore <name>_latest.pt and start over"""
+
+
+@dataclasses.dataclass
+class PPOArgs(ControllerStageArgs):
+    """Flags of the PPO stages (train_ppo.py, train_ppo_in_dream.py)."""
+
     total_steps: int = 1_000_000
     """env steps over all envs (a resumed run trains up to this many)"""
     num_envs: int = 8
@@ -734,21 +756,6 @@ class PPOArgs:
     hidden_dim: int = 256
     distribution: Literal["beta", "tanh_normal"] = "beta"
     """the actor's distribution over the bounded action"""
-    max_steps: int = 1000
-    """episode length"""
-    eval_every: int = 20
-    """play the deterministic policy in the real env every this many updates (0: never)"""
-    eval_episodes: int = 4
-    eval_seed: int = 5_000_000
-    """real tracks for those checks (apart from the final evaluation's 1,000,000+)"""
-    workers: int = 2
-    """worker processes for the real envs (training envs and checks)"""
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
-    fresh: bool = False
-    """ignore <name>_latest.pt and start over"""
 
 
 def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
@@ -779,14 +786,9 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
     latest_path, out_path = args.ckpt_dir / f"{name}_latest.pt", args.ckpt_dir / f"controller_{name}.pt"
 
     start_update, log_dir = 0, args.log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    checkpoint = (load_checkpoint(latest_path, map_location=device, stage_hint=f"{name} --fresh")
-                  if latest_path.exists() and not args.fresh else None)
-    if checkpoint and checkpoint["world_model"]["sha256"] != identities["world_model"]["sha256"]:
-        print(f"{latest_path} was trained on an earlier world model: starting a new run on the current one")
-        checkpoint = None
+    checkpoint = resume_controller_checkpoint(latest_path, args.fresh, identities["world_model"]["sha256"], config,
+                                              CONTROLLER_SCRIPTS[name], device)
     if checkpoint:
-        if checkpoint["config"] != plain(config):
-            raise UserError(f"{latest_path} was trained with {checkpoint['config']}: use the same sizes or --fresh")
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["reward_scaler"])

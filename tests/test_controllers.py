@@ -89,7 +89,7 @@ def test_cmaes_stage_checkpoints_and_resumes(tmp_path):
     save_checkpoint(ckpt / "world_model.pt", world_model)
     third = run_script(*common, "--generations", "3")
     assert third.returncode == 0, third.stderr
-    assert "starting a new evolution" in third.stdout and "resuming" not in third.stdout
+    assert "starting over in the current one" in third.stdout and "resuming" not in third.stdout
     assert load_checkpoint(controller_path(ckpt, "cmaes"))["generation"] == 3
 
 
