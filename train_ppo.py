@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from utils import load_vae_and_world_model, run_main, setup_stage
+from utils import run_main, setup_stage
 from utils_rl import PPOArgs, RealFeatureEnvs, train_ppo
 
 
@@ -34,7 +34,6 @@ class Args(PPOArgs):
 
 def main(args: Args) -> None:
     device = setup_stage(args)
-    load_vae_and_world_model(args.ckpt_dir, device)  # a missing or mismatched upstream stage: one line, before any process
     envs = RealFeatureEnvs(args.ckpt_dir, args.num_envs, args.env_backend, args.max_steps,
                            args.train_seed + 1000 * args.seed, device, args.workers)
     train_ppo(args, envs, "ppo", device)
