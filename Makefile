@@ -23,13 +23,31 @@ $(VENV)/.installed: requirements.txt
 test: venv
 	$(PY) -m pytest -q tests
 
-# The default pipeline, resumable: re-running continues where a killed run stopped.
+# The default pipeline, resumable: re-running continues where a killed run stopped. Each stage's
+# wall-clock is added to CKPT_DIR/stage_times.tsv (summed over re-runs); the last step prints the table.
+TRAIN_EPISODES ?= 200
+VAE_EPOCHS ?= 3
+PPO_STEPS ?= 6000000
+EVAL_EPISODES ?= 100
+STAGE_TIMES = $(CKPT_DIR)/stage_times.tsv
+timed = mkdir -p $(CKPT_DIR) && start=$$(date +%s) && $(2) && echo "$(1)	$$(( $$(date +%s) - start ))" >> $(STAGE_TIMES)
+
 train: venv
-	$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes 200 --workers 2 --env-backend $(BACKEND)
-	$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs 3
-	$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --arch $(WM_ARCH)
-	$(PY) train_cmaes_in_dream.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --generations 100
-	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller cmaes --episodes 100
+	$(call timed,collect,$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes $(TRAIN_EPISODES) --workers 2 --env-backend $(BACKEND))
+	$(call timed,vae,$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs $(VAE_EPOCHS))
+	$(call timed,world_model,$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) \
+		--log-dir $(LOG_DIR) --arch $(WM_ARCH))
+	$(call timed,ppo,$(PY) train_ppo.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --total-steps $(PPO_STEPS) \
+		--eval-every 40)
+	$(call timed,evaluate,$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller ppo --episodes $(EVAL_EPISODES))
+	$(call timed,video,$(PY) create_video.py --ckpt-dir $(CKPT_DIR) --controller ppo --mode play \
+		--out $(CKPT_DIR)/agent_ppo.mp4)
+	@echo; echo "stage         minutes (summed over runs)"; \
+	awk -F'\t' '{s[$$1] += $$2; if (!($$1 in o)) o[$$1] = n++} END {for (k in o) r[o[k]] = k; \
+		for (i = 0; i < n; i++) {printf "%-13s %6.1f\n", r[i], s[r[i]] / 60; t += s[r[i]]} \
+		printf "%-13s %6.1f\n", "total", t / 60}' $(STAGE_TIMES)
+	@$(PY) -c "import json; r = json.load(open('$(CKPT_DIR)/eval_ppo.json')); \
+		print(f\"ppo: {r['mean']:.1f} ± {r['std']:.1f} over {r['episodes']} tracks (seeds from {r['seed']})\")"
 
 # One round of on-policy data (ROUND=1, 2, ...; each round drives its own new tracks): the current agent
 # drives with exploration noise, the world model goes on training on all episodes (20 more epochs), a new
@@ -52,7 +70,7 @@ smoke: venv
 	$(PY) train_cmaes_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
 		--generations 2 --popsize 4 --rollouts 2 --max-steps 50 --eval-every 0
 	$(PY) train_ppo.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
-		--total-steps 512 --num-envs 4 --rollout-steps 64 --max-steps 100 --hidden-dim 32 --eval-every 0
+		--total-steps 1024 --num-envs 4 --rollout-steps 64 --max-steps 100 --hidden-dim 32 --eval-every 0
 	$(PY) train_ppo_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
 		--total-steps 2048 --num-envs 16 --rollout-steps 64 --max-steps 50 --hidden-dim 32 --eval-every 0
 	for controller in cmaes ppo ppo_dream; do \

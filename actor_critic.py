@@ -29,6 +29,8 @@ class ControllerConfig:
     """actor_critic: width of the actor's and the critic's two hidden layers"""
     distribution: str = "beta"
     """actor_critic: beta or tanh_normal, the actor's distribution over the bounded action"""
+    action_repeat: int = 1
+    """frames each decision is held for (the features, h included, are updated once per decision)"""
 
 
 def to_env_action(unit: torch.Tensor) -> torch.Tensor:

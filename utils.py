@@ -110,7 +110,7 @@ def resume_checkpoint(latest_path: Path, args: StageArgs, config, model, optimiz
     checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint=f"{script} --fresh")
     if checkpoint["config"] != plain(config):
         raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
-                        "use the same sizes or --fresh")
+                        "use the same settings or --fresh")
     model.load_state_dict(checkpoint["state_dict"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     print(f"resuming from {latest_path}: epoch {checkpoint['epoch']}, best val loss {checkpoint['best_val_loss']:.4f}")
@@ -121,7 +121,7 @@ def resume_controller_checkpoint(latest_path: Path, fresh: bool, world_model_sha
                                  device="cpu") -> dict | None:
     """A controller stage's resumable checkpoint, or None to start over: with --fresh, when there is none
     yet, or when it was trained in an earlier world model (an on-policy round retrained it; said in a line).
-    Other controller sizes are a UserError (use the same sizes or --fresh)."""
+    Other controller settings are a UserError (use the same ones or --fresh)."""
     if fresh or not latest_path.exists():
         return None
     checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint=f"{script} --fresh")
@@ -130,7 +130,7 @@ def resume_controller_checkpoint(latest_path: Path, fresh: bool, world_model_sha
         return None
     if checkpoint["config"] != plain(config):
         raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
-                        "use the same sizes or --fresh")
+                        "use the same settings or --fresh")
     return checkpoint
 
 
@@ -482,21 +482,28 @@ class FeatureTracker:
 class Agent:
     """VAE + world model + controller: preprocessed 64x64 frames in, actions out, h carried along.
 
-    The collection-policy interface: `reset(seed)`, then `agent(frame)` per step.
+    The collection-policy interface: `reset(seed)`, then `agent(frame)` per step. With `action_repeat` k
+    the agent decides on frames 0, k, 2k, ... and holds each action in between, as it was trained
+    (the frames in between are not encoded, and h steps once per decision).
     """
 
-    def __init__(self, vae, world_model, controller, device="cpu"):
-        self.controller = controller
+    def __init__(self, vae, world_model, controller, device="cpu", action_repeat: int = 1):
+        self.controller, self.action_repeat = controller, action_repeat
         self.features = FeatureTracker(vae, world_model, 1, device)
+        self.frame_count, self.action = 0, None
 
     def reset(self, seed: int | None = None) -> None:
         self.features.reset()
+        self.frame_count = 0
 
     @torch.no_grad()
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        action = self.controller(self.features.observe(frame[None]))
-        self.features.remember(action)
-        return action[0].cpu().numpy().astype(np.float32)
+        if self.frame_count % self.action_repeat == 0:
+            action = self.controller(self.features.observe(frame[None]))
+            self.features.remember(action)
+            self.action = action[0].cpu().numpy().astype(np.float32)
+        self.frame_count += 1
+        return self.action
 
 
 def load_agent(ckpt_dir: Path, controller: str, device="cpu") -> Agent:
@@ -507,7 +514,8 @@ def load_agent(ckpt_dir: Path, controller: str, device="cpu") -> Agent:
     path = controller_path(ckpt_dir, controller)
     checkpoint = load_checkpoint(path, map_location=device, stage_hint=CONTROLLER_SCRIPTS[controller])
     try:
-        model = build_controller(ControllerConfig(**checkpoint["config"]))
+        config = ControllerConfig(**checkpoint["config"])
+        model = build_controller(config)
         model.load_state_dict(checkpoint["state_dict"])
     except (TypeError, KeyError, ValueError, RuntimeError) as error:
         raise UserError(f"checkpoint {path} is not a controller checkpoint ({type(error).__name__}); "
@@ -516,7 +524,7 @@ def load_agent(ckpt_dir: Path, controller: str, device="cpu") -> Agent:
         if checkpoint.get(part, {}).get("sha256") != file_sha256(Path(ckpt_dir) / f"{part}.pt"):
             raise UserError(f"{path} was trained with another {part.replace('_', ' ')} than {Path(ckpt_dir) / part}.pt:"
                             f" re-run {CONTROLLER_SCRIPTS[controller]}")
-    return Agent(vae, world_model, model.to(device).eval(), device)
+    return Agent(vae, world_model, model.to(device).eval(), device, config.action_repeat)
 
 
 def frames_grid(rows: Sequence[np.ndarray], scale: int = 2) -> np.ndarray:

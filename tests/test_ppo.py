@@ -8,8 +8,10 @@ import torch
 from actor_critic import ActorCritic, ControllerConfig
 from conftest import make_checkpoint_dir, run_script
 from test_controllers import gas_pays_world_model
-from utils import UserError, controller_path, load_agent, load_checkpoint, save_checkpoint
-from utils_rl import BatchedDream, DreamFeatureEnvs, PPOArgs, RealFeatureEnvs, gae, ppo_update, train_ppo
+from utils import (Agent, UserError, controller_path, load_agent, load_checkpoint, load_vae_and_world_model,
+                   save_checkpoint)
+from utils_rl import (BatchedDream, DreamFeatureEnvs, PPOArgs, RealFeatureEnvs, _PreprocessedEnv, gae, ppo_update,
+                      train_ppo)
 
 
 def test_gae_matches_a_plain_reference_loop():
@@ -117,6 +119,62 @@ def test_real_feature_envs_reset_memory_and_return_the_last_frame(tmp_path):
         envs.close()
 
 
+def test_action_repeat_is_the_held_frames_and_draws_only_the_last():
+    held, plain_env = _PreprocessedEnv("fast", 1000, action_repeat=4), _PreprocessedEnv("fast", 1000)
+    action = np.array([0.1, 0.6, 0.0], np.float32)
+    try:
+        assert np.array_equal(held.reset(seed=3)[0], plain_env.reset(seed=3)[0])
+        drawn, render = [], held.unwrapped._render
+
+        def counting_render(mode):
+            frame = render(mode)
+            drawn.append(frame is not None)
+            return frame
+
+        held.unwrapped._render = counting_render
+        for _ in range(10):
+            frame, reward, *_ = held.step(action)
+            rewards = [plain_env.step(action)[1] for _ in range(4)]
+            assert np.array_equal(frame, plain_env.observation(plain_env.unwrapped.state))
+            assert reward == pytest.approx(sum(rewards))
+        assert len(drawn) == 40 and sum(drawn) == 10, "one frame drawn per decision"
+    finally:
+        held.close(), plain_env.close()
+
+
+def test_no_progress_stop_ends_mid_decision_with_a_drawn_frame():
+    env = _PreprocessedEnv("fast", 1000, action_repeat=4, no_progress_frames=30)
+    try:
+        env.reset(seed=1)
+        for decision in range(1, 100):
+            frame, reward, terminated, truncated, _ = env.step(np.zeros(3, np.float32))  # no gas: no new tiles
+            if terminated:
+                break
+        assert terminated and not truncated and decision < 20, "standing still ends the training episode"
+        assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+        assert env.unwrapped.draw_state, "the next reset draws its frame"
+    finally:
+        env.close()
+
+
+def test_agent_holds_each_action_for_its_action_repeat(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    vae, world_model, _ = load_vae_and_world_model(ckpt)
+    calls = []
+
+    def controller(features):
+        calls.append(features)
+        return torch.full((1, 3), 0.1 * len(calls))
+
+    agent = Agent(vae, world_model, controller, action_repeat=3)
+    frames = np.random.default_rng(0).integers(0, 255, (7, 64, 64, 3), dtype=np.uint8)
+    actions = [agent(frame)[0] for frame in frames]
+    assert len(calls) == 3 and actions == pytest.approx([0.1] * 3 + [0.2] * 3 + [0.3])
+    agent.reset()
+    agent(frames[0])
+    assert len(calls) == 4 and torch.all(calls[-1][:, 4:] == 0), "a reset agent decides at once, fresh memory"
+
+
 def test_ppo_stages_checkpoint_resume_and_evaluate(tmp_path):
     ckpt = make_checkpoint_dir(tmp_path)
     common = ["--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"), "--rollout-steps", "8", "--max-steps",
@@ -131,10 +189,13 @@ def test_ppo_stages_checkpoint_resume_and_evaluate(tmp_path):
     assert checkpoint["update"] == 2 and checkpoint["env_steps"] == 128 and "optimizer" not in checkpoint
     assert checkpoint["world_model"]["sha256"] and checkpoint["vae"]["sha256"]
 
-    real = run_script("train_ppo.py", *common, "--num-envs", "2", "--total-steps", "32", "--eval-every", "2",
-                      "--eval-episodes", "1")
+    real = run_script("train_ppo.py", *common, "--num-envs", "2", "--action-repeat", "2", "--total-steps", "64",
+                      "--eval-every", "2", "--eval-episodes", "1")
     assert real.returncode == 0, real.stderr
     assert "update 2: real env" in real.stdout + real.stderr
+    checkpoint = load_checkpoint(controller_path(ckpt, "ppo"))
+    assert checkpoint["env_steps"] == 64 and checkpoint["config"]["action_repeat"] == 2, "env steps count frames"
+    assert load_agent(ckpt, "ppo").action_repeat == 2
     out = tmp_path / "eval.json"
     result = run_script("evaluate.py", "--ckpt-dir", str(ckpt), "--controller", "ppo", "--episodes", "2",
                         "--max-steps", "20", "--workers", "1", "--out", str(out))
