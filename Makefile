@@ -9,7 +9,7 @@ DATA_DIR ?= data
 CKPT_DIR ?= checkpoints
 LOG_DIR ?= runs
 BACKEND ?= fast
-WM_ARCH ?= gru
+WM_ARCH ?= mdn
 
 .PHONY: venv test train iterate smoke bench
 
@@ -27,7 +27,7 @@ test: venv
 # wall-clock is added to CKPT_DIR/stage_times.tsv (summed over re-runs); the last step prints the table.
 TRAIN_EPISODES ?= 200
 VAE_EPOCHS ?= 3
-PPO_STEPS ?= 6000000
+PPO_STEPS ?= 1000000
 EVAL_EPISODES ?= 100
 STAGE_TIMES = $(CKPT_DIR)/stage_times.tsv
 timed = mkdir -p $(CKPT_DIR) && start=$$(date +%s) && $(2) && echo "$(1)	$$(( $$(date +%s) - start ))" >> $(STAGE_TIMES)
