@@ -9,8 +9,9 @@ Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the
 
 NUM_ENVS envs run in WORKERS processes (a gymnasium SyncVectorEnv in each, same-step autoreset); each
 decision is held for ACTION_REPEAT frames there (only the last one drawn), its frame preprocessed there,
-encoded and remembered here in one batch per decision. TOTAL_STEPS counts frames (env steps). Returns are logged per finished
-episode, which works with autoreset because the step that ends an episode carries its last reward.
+encoded and remembered here in one batch per decision. TOTAL_STEPS counts frames (env steps). Returns
+are logged per finished episode, which works with autoreset because the step that ends an episode
+carries its last reward.
 """
 
 from __future__ import annotations
