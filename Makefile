@@ -11,7 +11,7 @@ LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= mdn
 
-.PHONY: venv test train iterate smoke bench
+.PHONY: venv test train iterate dream smoke bench
 
 venv: $(VENV)/.installed
 
@@ -60,6 +60,16 @@ iterate: venv
 	$(PY) train_cmaes_in_dream.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --generations 100
 	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller cmaes --episodes 100 --out $(CKPT_DIR)/eval_cmaes_round$(ROUND).json
 
+# Learning in the dream, one resumable command: random data -> VAE -> world model -> PPO in imagination from
+# replayed real states -> the controller collects -> ... (DREAM_ROUNDS rounds), then the 100-track evaluation.
+# The controller never sees a real return; the per-round real check is only printed and logged.
+DREAM_ROUNDS ?= 8
+DREAM_DIR ?= $(CKPT_DIR)/dream
+dream: venv
+	$(PY) train_dream_loop.py --data-dir $(DATA_DIR) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
+		--env-backend $(BACKEND)
+	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller ppo_dream --episodes $(EVAL_EPISODES)
+
 # The whole pipeline with tiny settings, writing RUN_DIR/{data,checkpoints,runs}.
 smoke: venv
 	$(PY) collect_data.py --data-dir $(RUN_DIR)/data --episodes 3 --max-steps 100 --workers 2
@@ -71,8 +81,8 @@ smoke: venv
 		--generations 2 --popsize 4 --rollouts 2 --max-steps 50 --eval-every 0
 	$(PY) train_ppo.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
 		--total-steps 1024 --num-envs 4 --rollout-steps 64 --max-steps 100 --hidden-dim 32 --eval-every 0
-	$(PY) train_ppo_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
-		--total-steps 2048 --num-envs 16 --rollout-steps 64 --max-steps 50 --hidden-dim 32 --eval-every 0
+	$(PY) train_ppo_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --data-dir $(RUN_DIR)/data --log-dir $(RUN_DIR)/runs \
+		--total-steps 4096 --num-envs 16 --rollout-steps 16 --horizon 16 --max-steps 50 --hidden-dim 32 --eval-every 0
 	for controller in cmaes ppo ppo_dream; do \
 		$(PY) evaluate.py --ckpt-dir $(RUN_DIR)/checkpoints --controller $$controller --episodes 2 --max-steps 100 || exit 1; \
 	done

@@ -2,7 +2,9 @@
 
 Reads:  nothing (the `random` policy), or CKPT_DIR's agent (vae.pt, world_model.pt and
         controller_<CONTROLLER>.pt) for `--policy agent`.
-Writes: DATA_DIR/rollouts/<policy>/ep_<track seed>.npz (the episode contract in DESIGN.md).
+Writes: DATA_DIR/rollouts/<policy>/ep_<track seed>.npz (the episode contract in DESIGN.md): one step per
+        decision, each decision's action held for ACTION_REPEAT frames (the random policy; an agent
+        uses its own world model's rate), the file's `action_repeat` saying how many.
 
 Track seeds are SEED, SEED+1, ..., SEED+EPISODES-1, so re-running the same command skips the
 episodes already on disk and collects only the missing ones; a killed run leaves no half file.
@@ -41,17 +43,19 @@ class Args:
     """which controller of CKPT_DIR drives, for --policy agent"""
     noise: float = 0.1
     """std of the Gaussian exploration noise on the agent's actions, for --policy agent"""
+    action_repeat: int = 4
+    """frames each random decision is held for (the world model's clock); --policy agent uses the agent's"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3, ~2.5x stock), gymnasium (stock) or envpool (approximate clone)"""
 
 
 def main(args: Args) -> None:
-    if args.episodes < 1 or args.max_steps < 1 or args.workers < 1:
-        raise UserError("--episodes, --max-steps and --workers must be at least 1")
+    if args.episodes < 1 or args.max_steps < 1 or args.workers < 1 or args.action_repeat < 1:
+        raise UserError("--episodes, --max-steps, --workers and --action-repeat must be at least 1")
     start = time.perf_counter()
     seeds = range(args.seed, args.seed + args.episodes)
     policy_kwargs = ({"ckpt_dir": str(args.ckpt_dir), "controller": args.controller, "noise": args.noise}
-                     if args.policy == "agent" else {})
+                     if args.policy == "agent" else {"action_repeat": args.action_repeat})
     summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, args.policy,
                                  policy_kwargs)
     elapsed = time.perf_counter() - start
@@ -59,9 +63,10 @@ def main(args: Args) -> None:
     if not summaries:
         print(f"all {args.episodes} episodes already in {args.data_dir}/rollouts/{args.policy} ({total} there)")
         return
-    steps = sum(s["steps"] for s in summaries)
+    steps, frames = sum(s["steps"] for s in summaries), sum(s["frames"] for s in summaries)
     returns = [s["return"] for s in summaries]
-    print(f"collected {len(summaries)} episodes, {steps} steps in {elapsed:.1f}s ({steps / elapsed:.0f} steps/s), "
+    print(f"collected {len(summaries)} episodes, {steps} decisions ({frames} frames) in {elapsed:.1f}s "
+          f"({frames / elapsed:.0f} frames/s), "
           f"return {np.mean(returns):.1f} ± {np.std(returns):.1f}; {total} episodes in "
           f"{args.data_dir}/rollouts/{args.policy}")
 

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from utils import (ControllerName, UserError, agent_dir_and_controller, frames_grid, load_agent,
                    load_vae_and_world_model, preprocess_frame, run_main)
-from utils_rl import BatchedDream, make_env
+from dream import BatchedDream
+from utils_rl import make_env
 
 
 @dataclass

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from actor_critic import ControllerConfig, LinearController, population_actions
 from utils import (UserError, checkpoint_identity, controller_path, load_vae_and_world_model, plain,
                    resume_controller_checkpoint, run_main, save_checkpoint, setup_stage)
-from utils_rl import BatchedDream, ControllerStageArgs, evaluate_agent
+from dream import BatchedDream, dream_return, run_seeds
+from utils_rl import ControllerStageArgs, evaluate_agent
 
 
 @dataclass
@@ -50,17 +51,17 @@ class Args(ControllerStageArgs):
 def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, seeds: torch.Tensor) -> torch.Tensor:
     """Mean dream return of each candidate: solutions (P, n), seeds (P * rollouts,) -> (P,)."""
     popsize = solutions.shape[0]
-    obs = dream.reset(seeds)
-    returns = torch.zeros(popsize * rollouts, device=solutions.device)
-    alive = torch.ones(popsize * rollouts, dtype=torch.bool, device=solutions.device)
-    for _ in range(dream.max_steps):
-        actions = population_actions(solutions, obs.view(popsize, rollouts, -1)).view(popsize * rollouts, 3)
-        obs, reward, terminated, truncated = dream.step(actions)
-        returns += reward * alive
-        alive &= ~(terminated | truncated)
-        if not alive.any():
-            break
-    return returns.view(popsize, rollouts).mean(1)
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        return population_actions(solutions, obs.view(popsize, rollouts, -1)).view(popsize * rollouts, 3)
+
+    return dream_return(dream, act, seeds).view(popsize, rollouts).mean(1)
+
+
+def generation_seeds(run_seed: int, generation: int, popsize: int, rollouts: int) -> torch.Tensor:
+    """The dream seeds of a generation, (popsize * rollouts,): rollout r of every candidate dreams on the same
+    seed (common random numbers), and every generation and every --seed on new ones."""
+    return run_seeds(run_seed, generation * rollouts, rollouts).repeat(popsize)
 
 
 def main(args: Args) -> None:
@@ -70,7 +71,8 @@ def main(args: Args) -> None:
     _, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
                   "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
-    config = ControllerConfig(kind="linear", obs_dim=world_model.config.latent_dim + world_model.config.hidden_dim)
+    config = ControllerConfig(kind="linear", obs_dim=world_model.config.latent_dim + world_model.config.hidden_dim,
+                              action_repeat=world_model.config.action_repeat)
     controller = LinearController(config)
     latest_path, out_path = args.ckpt_dir / "cmaes_latest.pt", controller_path(args.ckpt_dir, "cmaes")
 
@@ -103,7 +105,7 @@ def main(args: Args) -> None:
     for generation in bar:
         gen_start = time.perf_counter()
         solutions = np.array(es.ask())
-        seeds = torch.arange(args.rollouts).repeat(args.popsize) + generation * args.rollouts  # shared per rollout
+        seeds = generation_seeds(args.seed, generation, args.popsize, args.rollouts)
         fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device), args.rollouts,
                                 seeds.to(device)).cpu().numpy()
         if not np.isfinite(fitness).all():

@@ -9,7 +9,8 @@ Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the
 
 NUM_ENVS envs run in WORKERS processes (a gymnasium SyncVectorEnv in each, same-step autoreset); each
 decision is held for ACTION_REPEAT frames there (only the last one drawn), its frame preprocessed there,
-encoded and remembered here in one batch per decision. TOTAL_STEPS counts frames (env steps). Returns
+encoded and remembered here in one batch per decision. ACTION_REPEAT is the world model's (the one clock):
+collect and train the world model at the rate the controller should decide at. TOTAL_STEPS counts frames (env steps). Returns
 are logged per finished episode, which works with autoreset because the step that ends an episode
 carries its last reward.
 """
@@ -28,9 +29,6 @@ class Args(PPOArgs):
     """envs stepped together, spread over WORKERS processes (16 over 2: 658 steps/s here, 8: 576)"""
     threads: int = 1
     """torch CPU threads of this process (the env workers take the cores; 2 threads measured slower)"""
-    action_repeat: int = 4
-    """frames each decision is held for; only the last one is drawn and encoded, so a decision costs about
-    what a frame does, and the horizon is 4x shorter"""
     no_progress_frames: int = 100
     """end a training episode after this many frames without a new road tile (0: never); not in evaluation"""
     env_backend: str = "fast"
@@ -42,8 +40,7 @@ class Args(PPOArgs):
 def main(args: Args) -> None:
     device = setup_stage(args)
     envs = RealFeatureEnvs(args.ckpt_dir, args.num_envs, args.env_backend, args.max_steps,
-                           args.train_seed + 1000 * args.seed, device, args.workers, args.action_repeat,
-                           args.no_progress_frames)
+                           args.train_seed + 1000 * args.seed, device, args.workers, args.no_progress_frames)
     train_ppo(args, envs, "ppo", device)
 
 

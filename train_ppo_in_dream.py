@@ -1,65 +1,86 @@
 """PPO entirely inside the dream: the world model plays CarRacing, the real env is only looked at.
 
-Reads:  CKPT_DIR/vae.pt and world_model.pt (with its bank of real episode starts).
+Reads:  CKPT_DIR/vae.pt and world_model.pt; DATA_DIR's episodes at the world model's action repeat (their
+        latents, cached per VAE), whose real states start the imagination (`--replay`).
 Writes: CKPT_DIR/controller_ppo_dream.pt (the actor-critic after each update, with the identities of the
-        VAE and world model), CKPT_DIR/ppo_dream_latest.pt (re-running resumes), TensorBoard logs under
-        LOG_DIR/ppo_dream-<time>/. Every EVAL_EVERY updates the deterministic policy plays EVAL_EPISODES
-        real tracks and as many x 4 dreams: `eval/real_return` beside `eval/dream_return` is the
-        dream-to-real gap as a curve.
+        VAE and world model), CKPT_DIR/ppo_dream_latest.pt (re-running resumes; in a new world model its
+        weights go on training there, see --warm-start), TensorBoard logs under LOG_DIR/ppo_dream-<time>/.
+        Every EVAL_EVERY updates the deterministic policy plays EVAL_EPISODES real tracks and as many x 4
+        whole dreams: `eval/real_return` beside `eval/dream_return` is the dream-to-real gap as a curve
+        (logged, never used to train or to choose).
 
-NUM_ENVS dreams step together as one BatchedDream (one tensor pass per step), restarted on their own
-seeds as they end; temperature > 1 makes a noisier dream that is harder to exploit.
+With --replay (default) each of NUM_ENVS dreams starts from the state (z, h) of a random decision of a
+real episode, as the agent saw it, runs HORIZON decisions, and is then cut and restarted from another
+real state; PPO bootstraps each cut with its critic (lambda-returns through GAE). Short imagined
+stretches anchored in real states leave the policy little room to exploit the model's long-run errors.
+With --no-replay dreams are whole episodes from the bank of real episode starts. One step is one
+decision of the world model's clock (its action repeat); TOTAL_STEPS counts dream frames.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from utils import load_vae_and_world_model, run_main, setup_stage
-from utils_rl import BatchedDream, DreamFeatureEnvs, PPOArgs, train_ppo
+from dream import (EVAL_DREAM_SEED, BatchedDream, DreamFeatureEnvs, ImaginedFeatureEnvs, ReplayStarts, dream_return,
+                   load_replay)
+from utils import UserError, load_vae_and_world_model, run_main, setup_stage
+from utils_rl import PPOArgs, train_ppo
 
 
 @dataclass
 class Args(PPOArgs):
-    num_envs: int = 64
+    data_dir: Path = Path("data")
+    """real episodes whose states start the imagination (DATA_DIR/rollouts/*/, at the world model's rate)"""
+    replay: bool = True
+    """start dreams from states of replayed real episodes and cut them after HORIZON decisions"""
+    horizon: int = 16
+    """imagined decisions before a dream is cut and its value bootstrapped by the critic (with --replay)"""
+    num_envs: int = 1024
     """dreams stepped together"""
-    total_steps: int = 5_000_000
+    rollout_steps: int = 16
+    """decisions per dream between updates"""
+    total_steps: int = 13_107_200
+    """dream frames over all dreams (200 updates at the defaults; a resumed run trains up to this many)"""
+    update_epochs: int = 4
+    minibatches: int = 16
+    anneal_lr: bool = False
+    """decay the learning rate linearly to 0 over total_steps"""
     temperature: float = 1.0
-    """dream sampling temperature"""
+    """dream sampling temperature (higher: a noisier dream that is harder to exploit)"""
+    warm_start: bool = True
+    """in a new world model (an on-policy round retrained it), go on training the last controller's weights"""
+    eval_every: int = 25
     eval_dreams_per_episode: int = 4
-    """dreams per real check episode for the deterministic dream score"""
+    """whole dreams per real check episode for the deterministic dream score"""
 
 
-@torch.no_grad()
-def dream_score(model, dream: BatchedDream, seeds: torch.Tensor) -> float:
-    """Mean return of the deterministic policy over dreams with the given seeds (one each)."""
-    obs = dream.reset(seeds)
-    returns = torch.zeros(dream.num_envs, device=obs.device)
-    alive = torch.ones(dream.num_envs, dtype=torch.bool, device=obs.device)
-    while alive.any():
-        obs, reward, terminated, truncated = dream.step(model(obs))
-        returns += reward * alive
-        alive &= ~(terminated | truncated)
-    return float(returns.mean())
-
-
-def main(args: Args) -> None:
+def main(args: Args) -> dict:
     device = setup_stage(args)
-    _, world_model, checkpoint = load_vae_and_world_model(args.ckpt_dir, device)
+    if args.horizon < 1:
+        raise UserError("--horizon must be at least 1")
+    vae, world_model, checkpoint = load_vae_and_world_model(args.ckpt_dir, device)
     bank = checkpoint["start_bank"]
 
     def make_dream(num_envs: int) -> BatchedDream:
         return BatchedDream(world_model, bank["mu"], bank["logvar"], num_envs, args.temperature, args.max_steps, device)
 
     eval_dream = make_dream(max(1, args.eval_episodes * args.eval_dreams_per_episode))
-    eval_seeds = torch.arange(eval_dream.num_envs) + 2**62  # fixed dreams, apart from the training seeds
+    eval_seeds = torch.arange(eval_dream.num_envs) + EVAL_DREAM_SEED  # fixed whole dreams from episode starts
 
     def extra_eval(model) -> dict:
-        return {"dream_return": dream_score(model, eval_dream, eval_seeds)}
+        return {"dream_return": float(dream_return(eval_dream, model, eval_seeds).mean())}
 
-    train_ppo(args, DreamFeatureEnvs(make_dream(args.num_envs), args.seed), "ppo_dream", device, extra_eval)
+    if args.replay:
+        episodes = load_replay(args.data_dir, vae, args.ckpt_dir / "vae.pt", world_model.config.action_repeat, device)
+        starts = ReplayStarts(world_model, episodes, device)
+        print(f"imagination from {len(starts):,} real states of {len(episodes)} episodes, {args.horizon} decisions each")
+        envs = ImaginedFeatureEnvs(make_dream(args.num_envs), starts, args.horizon, args.seed)
+    else:
+        envs = DreamFeatureEnvs(make_dream(args.num_envs), args.seed)
+    return train_ppo(args, envs, "ppo_dream", device, extra_eval, warm_start=args.warm_start)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ Writes: DATA_DIR/latents/<VAE hash>/... (each episode encoded once per VAE: mu, 
         (every epoch, with the optimizer: re-running resumes), CKPT_DIR/world_model_grid.png (real |
         VAE reconstruction | open-loop dream), TensorBoard logs under LOG_DIR/world_model-<time>/.
 
+One step of the model is one decision: episodes collected at ACTION_REPEAT k (each action held for k
+frames, one frame kept per decision) train a model that steps every k frames, and every controller
+trained on it decides at that rate, in the dream, in training and in play (the one clock). Episodes
+collected at another rate are skipped with one line.
+
 Training draws z from N(mu, sigma) per batch and trains on windows of SEQ_LEN steps (whole episodes
-at the default 1000) with a train/validation split by episode and gradient clipping.
+at the default) with a train/validation split by episode and gradient clipping.
 """
 
 from __future__ import annotations
@@ -29,20 +34,23 @@ from tqdm import tqdm
 from utils import (StageArgs, UserError, checkpoint_identity, encode_episodes, frames_grid, load_checkpoint,
                    load_episode, load_latent_episode, load_vae, plain, resume_checkpoint, run_main, save_checkpoint,
                    setup_stage, split_episodes)
-from utils_rl import BatchedDream, find_or_collect_episodes
+from dream import BatchedDream
+from utils_rl import find_or_collect_episodes
 from world_model import RecurrentWorldModel, WorldModelConfig, build_world_model
 
 
 @dataclass
 class Args(StageArgs):
-    arch: Literal["gru", "mdn"] = "gru"
+    arch: Literal["gru", "mdn"] = "mdn"
     """gru: GRU + a Gaussian over next z; mdn: LSTM + a mixture of Gaussians (the original MDN-RNN)"""
     epochs: int = 40
     """total epochs (one pass over the training episodes each); a resumed run trains up to this many"""
     batch_size: int = 16
     """sequences per batch"""
-    seq_len: int = 1000
-    """window length; windows start at random offsets in episodes longer than this"""
+    seq_len: int = 250
+    """window length in decisions; windows start at random offsets in episodes longer than this"""
+    action_repeat: int = 4
+    """frames per decision: train on the episodes collected at this rate (collect_data.py --action-repeat)"""
     lr: float = 1e-3
     hidden_dim: int = 256
     num_mixtures: int = 5
@@ -66,7 +74,8 @@ def load_latents(cache: dict[Path, Path], vae_sha256: str) -> dict[Path, dict]:
     for episode_path, cache_path in cache.items():
         episode = load_latent_episode(cache_path, vae_sha256)
         if episode is not None:
-            episodes[episode_path] = {key: episode[key] for key in ("mu", "logvar", "action", "reward", "terminated")}
+            episodes[episode_path] = {key: episode[key] for key in ("mu", "logvar", "action", "reward", "terminated",
+                                                                    "action_repeat")}
     return episodes
 
 
@@ -180,8 +189,10 @@ def main(args: Args) -> None:
     vae_path = args.ckpt_dir / "vae.pt"
     vae, _ = load_vae(vae_path, device)
     vae_id = checkpoint_identity(vae_path)
+    if args.action_repeat < 1:
+        raise UserError("--action-repeat must be at least 1")
     config = WorldModelConfig(arch=args.arch, latent_dim=vae.config.latent_dim, hidden_dim=args.hidden_dim,
-                              num_mixtures=args.num_mixtures)
+                              num_mixtures=args.num_mixtures, action_repeat=args.action_repeat)
     model = build_world_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     latest_path, best_path = args.ckpt_dir / "world_model_latest.pt", args.ckpt_dir / "world_model.pt"
@@ -197,11 +208,19 @@ def main(args: Args) -> None:
 
     print(f"VAE {vae_path} (sha256 {vae_id['sha256'][:16]})")
     episode_paths = find_or_collect_episodes(args.data_dir, args.collect, args.collect_episodes,
-                                             args.collect_max_steps, args.workers, args.env_backend)
+                                             args.collect_max_steps, args.workers, args.env_backend, args.action_repeat)
     cache = encode_episodes(vae, vae_id["sha256"], episode_paths, args.data_dir, device)
     latents = load_latents(cache, vae_id["sha256"])
     if not latents:
         raise UserError(f"no readable episode in {args.data_dir}/rollouts/")
+    other_clock = [path for path, ep in latents.items() if int(ep["action_repeat"]) != args.action_repeat]
+    if other_clock:
+        print(f"skipping {len(other_clock)} episodes collected at another action repeat than {args.action_repeat} "
+              f"(e.g. {other_clock[0]})")
+        latents = {path: ep for path, ep in latents.items() if path not in other_clock}
+    if not latents:
+        raise UserError(f"no episode in {args.data_dir}/rollouts/ was collected at action repeat {args.action_repeat}: "
+                        f"run collect_data.py --action-repeat {args.action_repeat}")
     train_paths, val_paths = split_episodes(sorted(latents), args.val_percent)
     data_id = hashlib.sha256("\n".join(str(p) for p in sorted(latents)).encode()).hexdigest()[:16]
     if resumed and resumed.get("data_id") != data_id:  # new episodes: old validation losses are not comparable

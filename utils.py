@@ -31,6 +31,9 @@ from world_model import WorldModelConfig, build_world_model
 
 FRAME_SIZE = 64  # the VAE's input is FRAME_SIZE x FRAME_SIZE RGB
 EPISODE_KEYS = ("obs", "action", "reward", "terminated", "truncated", "seed")
+# Optional keys and the value a file without them means: episodes collected before the decision clock
+# was recorded held each action for 1 frame.
+OPTIONAL_EPISODE_KEYS = {"action_repeat": 1}
 
 
 class UserError(Exception):
@@ -118,16 +121,20 @@ def resume_checkpoint(latest_path: Path, args: StageArgs, config, model, optimiz
 
 
 def resume_controller_checkpoint(latest_path: Path, fresh: bool, world_model_sha256: str, config, script: str,
-                                 device="cpu") -> dict | None:
+                                 device="cpu", warm_start: bool = False) -> dict | None:
     """A controller stage's resumable checkpoint, or None to start over: with --fresh, when there is none
     yet, or when it was trained in an earlier world model (an on-policy round retrained it; said in a line).
-    Other controller settings are a UserError (use the same ones or --fresh)."""
+    With `warm_start` that last one is returned instead, marked `warm_start`: its weights go on training in
+    the current world model. Other controller settings are a UserError (use the same ones or --fresh)."""
     if fresh or not latest_path.exists():
         return None
     checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint=f"{script} --fresh")
     if checkpoint.get("world_model", {}).get("sha256") != world_model_sha256:
-        print(f"{latest_path} was trained in an earlier world model: starting over in the current one")
-        return None
+        if not warm_start or checkpoint["config"] != plain(config):
+            print(f"{latest_path} was trained in an earlier world model: starting over in the current one")
+            return None
+        print(f"{latest_path} was trained in an earlier world model: its weights go on training in the current one")
+        return {**checkpoint, "warm_start": True}
     if checkpoint["config"] != plain(config):
         raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
                         "use the same settings or --fresh")
@@ -262,6 +269,7 @@ def save_episode(path: Path, episode: dict) -> None:
         "terminated": np.asarray(episode["terminated"], dtype=bool),
         "truncated": np.asarray(episode["truncated"], dtype=bool),
         "seed": np.asarray(episode["seed"], dtype=np.int64),
+        "action_repeat": np.asarray(episode.get("action_repeat", 1), dtype=np.int64),  # frames per step
     }
     check_episode_arrays(arrays)
     atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
@@ -296,10 +304,12 @@ def is_complete_npz(path: Path) -> bool:
 
 
 def load_episode(path: Path, keys: Sequence[str] = EPISODE_KEYS) -> dict | None:
-    """Load one episode file; a corrupt, truncated or wrong-shaped one gives one warning and None."""
+    """Load one episode file; a corrupt, truncated or wrong-shaped one gives one warning and None.
+    An optional key the file lacks (OPTIONAL_EPISODE_KEYS) gets its default."""
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:  # np.load leaks its handle on a bad zip
-            arrays = {key: npz[key] for key in keys}
+            arrays = {key: npz[key] if key in npz or key not in OPTIONAL_EPISODE_KEYS
+                      else np.asarray(OPTIONAL_EPISODE_KEYS[key]) for key in keys}
         check_episode_arrays(arrays)
         return arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
@@ -482,9 +492,10 @@ class FeatureTracker:
 class Agent:
     """VAE + world model + controller: preprocessed 64x64 frames in, actions out, h carried along.
 
-    The collection-policy interface: `reset(seed)`, then `agent(frame)` per step. With `action_repeat` k
+    The collection-policy interface: `reset(seed)`, then `agent(frame)` per frame: with `action_repeat` k
     the agent decides on frames 0, k, 2k, ... and holds each action in between, as it was trained
-    (the frames in between are not encoded, and h steps once per decision).
+    (the frames in between are not encoded, and h steps once per decision). `agent.act(frame)` decides
+    on every frame it is given, for an env that holds each action for k frames itself (ActionRepeat).
     """
 
     def __init__(self, vae, world_model, controller, device="cpu", action_repeat: int = 1):
@@ -497,11 +508,16 @@ class Agent:
         self.frame_count = 0
 
     @torch.no_grad()
+    def act(self, frame: np.ndarray) -> np.ndarray:
+        """One decision on a preprocessed frame (64, 64, 3): the action (3,), h stepped once."""
+        action = self.controller(self.features.observe(frame[None]))
+        self.features.remember(action)
+        self.action = action[0].cpu().numpy().astype(np.float32)
+        return self.action
+
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if self.frame_count % self.action_repeat == 0:
-            action = self.controller(self.features.observe(frame[None]))
-            self.features.remember(action)
-            self.action = action[0].cpu().numpy().astype(np.float32)
+            self.act(frame)
         self.frame_count += 1
         return self.action
 
@@ -510,7 +526,7 @@ def load_agent(ckpt_dir: Path, controller: str, device="cpu") -> Agent:
     """The one way every consumer builds an agent; a mismatch of any part is a UserError."""
     if controller not in CONTROLLER_SCRIPTS:
         raise UserError(f"unknown controller {controller!r}: choose one of {', '.join(CONTROLLER_SCRIPTS)}")
-    vae, world_model, _ = load_vae_and_world_model(ckpt_dir, device)
+    vae, world_model, wm_checkpoint = load_vae_and_world_model(ckpt_dir, device)
     path = controller_path(ckpt_dir, controller)
     checkpoint = load_checkpoint(path, map_location=device, stage_hint=CONTROLLER_SCRIPTS[controller])
     try:
@@ -524,6 +540,11 @@ def load_agent(ckpt_dir: Path, controller: str, device="cpu") -> Agent:
         if checkpoint.get(part, {}).get("sha256") != file_sha256(Path(ckpt_dir) / f"{part}.pt"):
             raise UserError(f"{path} was trained with another {part.replace('_', ' ')} than {Path(ckpt_dir) / part}.pt:"
                             f" re-run {CONTROLLER_SCRIPTS[controller]}")
+    # one clock: the controller decides at the world model's rate (a world model saved before the rate was
+    # recorded does not say it, and the controller's own is taken)
+    if "action_repeat" in wm_checkpoint["config"] and config.action_repeat != world_model.config.action_repeat:
+        raise UserError(f"{path} decides every {config.action_repeat} frames but {Path(ckpt_dir) / 'world_model.pt'} "
+                        f"steps every {world_model.config.action_repeat}: re-run {CONTROLLER_SCRIPTS[controller]}")
     return Agent(vae, world_model, model.to(device).eval(), device, config.action_repeat)
 
 
@@ -535,7 +556,7 @@ def frames_grid(rows: Sequence[np.ndarray], scale: int = 2) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- latent cache
 
-LATENT_KEYS = ("mu", "logvar", "action", "reward", "terminated", "truncated", "vae_sha256")
+LATENT_KEYS = ("mu", "logvar", "action", "reward", "terminated", "truncated", "vae_sha256", "action_repeat")
 
 
 def latent_cache_path(data_dir: Path, vae_sha256: str, episode: Path) -> Path:
@@ -548,7 +569,8 @@ def load_latent_episode(path: Path, vae_sha256: str | None = None, warn: bool = 
     """A cached latent episode, or None (with a warning if `warn`) when unreadable or made by another VAE."""
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in LATENT_KEYS}
+            arrays = {key: npz[key] if key in npz or key not in OPTIONAL_EPISODE_KEYS
+                      else np.asarray(OPTIONAL_EPISODE_KEYS[key]) for key in LATENT_KEYS}
         if vae_sha256 is not None and str(arrays["vae_sha256"]) != vae_sha256:
             raise ValueError("made by another VAE")
         if arrays["mu"].shape != arrays["logvar"].shape or len(arrays["mu"]) != len(arrays["reward"]):
@@ -572,7 +594,7 @@ def encode_episodes(vae, vae_sha256: str, episodes: Sequence[Path], data_dir: Pa
                if not (cache.exists() and load_latent_episode(cache, vae_sha256, warn=False) is not None)]
     for path in tqdm(missing, desc="encode latents", unit="ep", disable=not progress or not missing,
                      dynamic_ncols=True):
-        episode = load_episode(path)
+        episode = load_episode(path, (*EPISODE_KEYS, "action_repeat"))
         if episode is None:
             continue
         mus, logvars = [], []
@@ -582,6 +604,6 @@ def encode_episodes(vae, vae_sha256: str, episodes: Sequence[Path], data_dir: Pa
                 mu, logvar = vae.encode(ConvVAE.to_input(frames))
                 mus.append(mu.cpu().numpy()), logvars.append(logvar.cpu().numpy())
         arrays = {"mu": np.concatenate(mus), "logvar": np.concatenate(logvars), "vae_sha256": np.array(vae_sha256),
-                  **{key: episode[key] for key in ("action", "reward", "terminated", "truncated")}}
+                  **{key: episode[key] for key in ("action", "reward", "terminated", "truncated", "action_repeat")}}
         atomic_write(cached[path], lambda f: np.savez(f, **arrays))
     return {path: cache for path, cache in cached.items() if cache.exists()}

@@ -1,9 +1,10 @@
-"""Environments, collection policies, parallel episode collection, and the dream.
+"""Environments, collection policies, parallel episode collection, evaluation, and PPO.
 
 `make_env` is the one place an environment is built. Collection runs whole episodes in worker
 processes (a process pool, not a vector env: each worker steps, preprocesses and writes its own
 episode files, so no frame crosses a pipe per step; see the benchmark table in the README).
-The dream (`BatchedDream`, `DreamEnv`) runs CarRacing inside a trained world model.
+Episodes are played at the decision clock: each decision is held for ACTION_REPEAT frames
+(`ActionRepeat`), one step of an episode file is one decision. The dream lives in dream.py.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def road_offset(frame: np.ndarray) -> float | None:
     return float(np.clip((columns.mean() - 31.5) / 16.0, -1.0, 1.0))
 
 
+def hold_actions(env: gym.Env, action_repeat: int) -> gym.Env:
+    """`env` whose step holds the action for `action_repeat` frames (the decision clock), or env itself at 1."""
+    return ActionRepeat(env, action_repeat) if action_repeat > 1 else env
+
+
 class BrownianPolicy:
     """Smooth random driving that goes along the road and off it: Ornstein-Uhlenbeck noise on steering,
     gas and brake, plus a pull toward the road seen in the frame whose strength itself drifts.
@@ -119,10 +125,12 @@ class BrownianPolicy:
     steps) weighs a steer toward the grey pixels ahead: while it is high the car follows the road,
     taking curves at random speeds; while it is low the noise takes it onto the grass, and the pull
     brings it back when the road is still in view. Only the frame is used (no simulator state), so the
-    policy works with every backend. Each episode's noise is seeded by its track seed.
+    policy works with every backend. Each episode's noise is seeded by its track seed. It decides once per
+    `action_repeat` frames (the env holds the action), so its noise moves per decision.
     """
 
-    def __init__(self, **_unused):
+    def __init__(self, action_repeat: int = 4, **_unused):
+        self.action_repeat = action_repeat
         self.rng = np.random.default_rng(0)
         # noise state and its OU parameters, per (steer, gas, brake, focus)
         self.mean = np.array([0.0, 0.35, -0.3, 0.9])
@@ -146,10 +154,12 @@ class BrownianPolicy:
 class AgentPolicy:
     """A trained agent (VAE + world model + controller from a checkpoint dir) as a collection policy,
     with optional Gaussian exploration noise on its actions (seeded per episode); noise 0 is the
-    deterministic agent that evaluation plays."""
+    deterministic agent that evaluation plays. It decides on every frame it is given, at its own action
+    repeat (the env holds each decision for that many frames)."""
 
     def __init__(self, ckpt_dir: str = "checkpoints", controller: str = "cmaes", noise: float = 0.0, **_unused):
         self.agent = load_agent(Path(ckpt_dir), controller)
+        self.action_repeat = self.agent.action_repeat
         self.noise = noise
         self.rng = np.random.default_rng(0)
 
@@ -158,7 +168,7 @@ class AgentPolicy:
         self.rng = np.random.default_rng([seed, 2])
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        action = self.agent(frame)
+        action = self.agent.act(frame)
         if self.noise > 0:
             action = np.clip(action + self.noise * self.rng.standard_normal(3), ACTION_LOW, ACTION_HIGH)
         return action.astype(np.float32)
@@ -177,23 +187,28 @@ def make_policy(name: str, **kwargs):
 
 
 def rollout_episode(env: gym.Env, policy, track_seed: int, max_steps: int, on_step=None) -> dict:
-    """Play one episode; obs[t] is the preprocessed frame the action[t] was chosen on, reward[t] what it earned."""
+    """Play one episode of at most `max_steps` frames in `env` (hold_actions(make_env(...), the policy's
+    action repeat)); step t is decision t: obs[t] is the preprocessed frame action[t] was chosen on,
+    reward[t] what its held frames earned. `on_step(frames)` is called after each decision."""
     frame, _ = env.reset(seed=track_seed)
     policy.reset(track_seed)
+    repeat = policy.action_repeat
     obs, actions, rewards, terminated, truncated = [], [], [], [], []
-    for step in range(max_steps):
+    decisions = math.ceil(max_steps / repeat)
+    for step in range(decisions):
         small = preprocess_frame(frame)
         action = policy(small)
         frame, reward, term, trunc, _ = env.step(action)
-        trunc = trunc or (step == max_steps - 1 and not term)
+        trunc = trunc or (step == decisions - 1 and not term)
         obs.append(small), actions.append(action), rewards.append(reward)
         terminated.append(term), truncated.append(trunc)
         if on_step is not None:
-            on_step()
+            on_step(repeat)
         if term or trunc:
             break
     return {"obs": np.stack(obs), "action": np.stack(actions), "reward": np.array(rewards, np.float32),
-            "terminated": np.array(terminated), "truncated": np.array(truncated), "seed": track_seed}
+            "terminated": np.array(terminated), "truncated": np.array(truncated), "seed": track_seed,
+            "action_repeat": repeat}
 
 
 _worker: dict = {}  # per worker process: its env, policy and settings, built once by _setup_worker
@@ -218,15 +233,16 @@ def _init_worker(*setup_args) -> None:
 
 
 def _setup_worker(backend: str, max_steps: int, policy_name: str, policy_kwargs: dict, step_counter) -> None:
-    _worker.update(env=make_env(backend, max_steps), policy=make_policy(policy_name, **policy_kwargs),
+    policy = make_policy(policy_name, **policy_kwargs)
+    _worker.update(env=hold_actions(make_env(backend, max_steps), policy.action_repeat), policy=policy,
                    max_steps=max_steps, counter=step_counter, pending=0)
 
 
-def _count_step() -> None:
-    _worker["pending"] += 1
-    if _worker["pending"] == 50:  # batch the shared-counter updates: a lock per step is measurable
+def _count_step(frames: int) -> None:
+    _worker["pending"] += frames
+    if _worker["pending"] >= 200:  # batch the shared-counter updates: a lock per step is measurable
         with _worker["counter"].get_lock():
-            _worker["counter"].value += 50
+            _worker["counter"].value += _worker["pending"]
         _worker["pending"] = 0
 
 
@@ -238,13 +254,15 @@ def _play_one(task: tuple[int, str | None]) -> dict:
     with _worker["counter"].get_lock():
         _worker["counter"].value += _worker["pending"]
     _worker["pending"] = 0
-    return {"seed": track_seed, "steps": len(episode["reward"]), "return": float(episode["reward"].sum())}
+    return {"seed": track_seed, "steps": len(episode["reward"]), "frames": len(episode["reward"]) * episode["action_repeat"],
+            "return": float(episode["reward"].sum())}
 
 
 def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int = 1000, workers: int = 2,
                      backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
                      source: str | None = None, progress: bool = True) -> list[dict]:
     """Collect one episode file per track seed into data_dir/rollouts/<source>/, skipping complete ones.
+    The random policy's action repeat is `policy_kwargs["action_repeat"]` (4 if absent); an agent uses its own.
 
     Returns a summary (seed, steps, return) of each episode collected now. Safe to kill at any
     moment: files appear only when complete, and a re-run collects just the missing seeds.
@@ -263,21 +281,21 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
                   desc: str = "play", progress: bool = True, out_dir: Path | None = None) -> list[dict]:
     """Play one episode per (track seed, episode file or None) task over `workers` processes.
 
-    Returns a summary (seed, steps, return) per episode, in the order they finished; with a file
-    name the episode is also saved there (atomically). `out_dir` is created once the inputs are checked.
+    Returns a summary (seed, steps (decisions), frames, return) per episode, in the order they finished;
+    with a file name the episode is also saved there (atomically). `out_dir` is created once the inputs are checked.
     """
+    if not tasks:
+        return []
     make_policy(policy, **(policy_kwargs or {}))  # fail fast on a bad policy, before any process starts
     make_env(backend, max_steps).close()  # ... and on a bad or missing backend
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)  # ... and on an output path that cannot be made
-    if not tasks:
-        return []
     workers = max(1, min(workers, len(tasks)))
     context = mp.get_context("spawn")  # fork after torch/threads is unsafe; spawn costs ~1 s per worker
     counter = context.Value("q", 0)
     init_args = (backend, max_steps, policy, policy_kwargs or {}, counter)
     summaries = []
-    bar = tqdm(total=len(tasks) * max_steps, unit="step", desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(tasks) * max_steps, unit="frame", desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:  # in-process: no start-up cost, same code path as a worker
             _setup_worker(*init_args)
@@ -324,7 +342,7 @@ def _update_bar(bar, counter, summaries: list[dict]) -> None:
 
 
 def find_or_collect_episodes(data_dir: Path, collect: bool, episodes: int, max_steps: int = 1000, workers: int = 2,
-                             backend: str = "fast") -> list[Path]:
+                             backend: str = "fast", action_repeat: int = 4) -> list[Path]:
     """The episodes under data_dir; with none there, collect `episodes` random ones first (if `collect`)."""
     paths = list_episodes(data_dir)
     if paths:
@@ -333,143 +351,8 @@ def find_or_collect_episodes(data_dir: Path, collect: bool, episodes: int, max_s
         raise UserError(f"no episodes in {data_dir}/rollouts/: run collect_data.py --data-dir {data_dir} "
                         "(or drop --no-collect)")
     print(f"no episodes in {data_dir}: collecting {episodes} random ones first")
-    collect_episodes(data_dir, range(episodes), max_steps, workers, backend, "random")
+    collect_episodes(data_dir, range(episodes), max_steps, workers, backend, "random", {"action_repeat": action_repeat})
     return list_episodes(data_dir)
-
-
-# ----------------------------------------------------------------------------- the dream
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x, constant: int):
-    """(x * constant) mod 2**32 for int64 tensors holding 32-bit values, without int64 overflow."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
-
-
-def _hash32(x):
-    """A 32-bit integer mixer (lowbias32) on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def counter_uniform(seeds, steps, count: int):
-    """Uniform noise in (0, 1), (B, count) float32, a pure function of (seed, step, draw index) per env.
-
-    A dream's randomness then depends only on its own seed and step, never on which other dreams
-    share its batch: B single envs reproduce a batch of B exactly, and candidates evaluated on the same
-    seeds see the same noise (common random numbers for CMA-ES).
-    """
-    key = _hash32(_hash32(seeds & _MASK32) ^ (steps & _MASK32))
-    bits = _hash32(key.unsqueeze(-1) ^ _hash32(torch.arange(count, device=seeds.device) + 0x9E3779B9))
-    return ((bits.double() + 0.5) / 2.0**32).float()
-
-
-def box_muller(uniform):
-    """Standard normal noise (B, n) from uniform noise (B, 2n)."""
-    n = uniform.shape[-1] // 2
-    return torch.sqrt(-2 * torch.log(uniform[:, :n])) * torch.cos(2 * torch.pi * uniform[:, n:2 * n])
-
-
-class BatchedDream:
-    """B CarRacing dreams inside a world model, stepped together as tensors.
-
-    Observation: [z, h] (B, latent + hidden), the controller's input. A dream starts from the latent
-    of a real episode start (a bank stored in the world-model checkpoint), drawn with the env's seed.
-    Each step feeds [z, action] to the model, samples the next z with the temperature, and returns
-    the predicted reward and done (probability > 0.5); it truncates at `max_steps`. Finished envs are
-    restarted by the caller with `reset(seeds, mask)`.
-    """
-
-    def __init__(self, world_model, start_mu, start_logvar, num_envs: int, temperature: float = 1.0,
-                 max_steps: int = 1000, device="cpu"):
-        self.model, self.device = world_model, torch.device(device)
-        self.start_mu, self.start_logvar = start_mu.to(self.device), start_logvar.to(self.device)
-        self.num_envs, self.temperature, self.max_steps = num_envs, temperature, max_steps
-        self.latent_dim = world_model.config.latent_dim
-        self.obs_dim = self.latent_dim + world_model.config.hidden_dim
-        self.seeds = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
-        self.t = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
-        self.z = torch.zeros(num_envs, self.latent_dim, device=self.device)
-        self.state = world_model.initial_state(num_envs, self.device)
-        self.action_low = torch.from_numpy(ACTION_LOW).to(self.device)
-        self.action_high = torch.from_numpy(ACTION_HIGH).to(self.device)
-
-    def observation(self):
-        return torch.cat([self.z, self.model.features(self.state)], -1)
-
-    def reset(self, seeds, mask=None, z=None):
-        """(Re)start the envs where `mask` (all if None) with the given seeds (B,); returns the observation.
-        The start latent is drawn from the bank with the seed, or given as `z` (B, latent)."""
-        seeds = torch.as_tensor(seeds, dtype=torch.int64, device=self.device)
-        mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) if mask is None else mask
-        if z is None:
-            start = torch.full_like(seeds, -1)  # step -1: the draws that pick and sample the start latent
-            uniform = counter_uniform(seeds, start, 1 + 2 * self.latent_dim)
-            pick = (uniform[:, 0] * len(self.start_mu)).long().clamp(max=len(self.start_mu) - 1)
-            z = self.start_mu[pick] + torch.exp(0.5 * self.start_logvar[pick]) * box_muller(uniform[:, 1:])
-        self.seeds = torch.where(mask, seeds, self.seeds)
-        self.t = torch.where(mask, torch.zeros_like(self.t), self.t)
-        self.z = torch.where(mask[:, None], z, self.z)
-        self.state = torch.where(mask[:, None], self.model.initial_state(self.num_envs, self.device), self.state)
-        return self.observation()
-
-    def step(self, action):
-        """action (B, 3) -> observation (B, obs_dim), reward (B,), terminated (B,), truncated (B,)."""
-        with torch.no_grad():
-            action = torch.as_tensor(action, dtype=torch.float32, device=self.device)
-            action = torch.maximum(torch.minimum(action, self.action_high), self.action_low)
-            pred, self.state = self.model.step(self.z, action, self.state)
-            uniform = counter_uniform(self.seeds, self.t, 3 * self.latent_dim)  # component picks, then Gaussian noise
-            self.z = self.model.sample_next(pred, self.temperature, uniform[:, :self.latent_dim],
-                                            box_muller(uniform[:, self.latent_dim:]))
-            self.t += 1
-            terminated = pred.done_logit > 0  # probability > 0.5
-            truncated = (self.t >= self.max_steps) & ~terminated
-            return self.observation(), pred.reward, terminated, truncated
-
-
-class DreamEnv(gym.Env):
-    """One dream as a Gymnasium env (`DreamCarRacing-v0`), built from a checkpoint dir alone.
-
-    `gymnasium.make("DreamCarRacing-v0", ckpt_dir=DIR)`; observation [z, h]; the CarRacing action;
-    `render()` decodes z to a 64x64 frame. The same step function as BatchedDream (it is one, B=1).
-    """
-
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
-
-    def __init__(self, ckpt_dir: str = "checkpoints", temperature: float = 1.0, max_steps: int = 1000,
-                 render_mode: str | None = None, device: str = "cpu"):
-        self.vae, model, checkpoint = load_vae_and_world_model(Path(ckpt_dir), device)
-        bank = checkpoint["start_bank"]
-        self.dream = BatchedDream(model, bank["mu"], bank["logvar"], 1, temperature, max_steps, device)
-        self.render_mode = render_mode
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.dream.obs_dim,), np.float32)
-        self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        dream_seed = int(self.np_random.integers(2**31))  # derived from `seed`, so a seeded reset repeats
-        return self.dream.reset([dream_seed])[0].cpu().numpy(), {}
-
-    def step(self, action):
-        obs, reward, terminated, truncated = self.dream.step(np.asarray(action, np.float32)[None])
-        return obs[0].cpu().numpy(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
-
-    def render(self):
-        if self.render_mode != "rgb_array":
-            return None
-        with torch.no_grad():
-            frame = self.vae.decode(self.dream.z)[0].permute(1, 2, 0).clamp(0, 1)
-        return (frame * 255).round().byte().cpu().numpy()
-
-
-gym.register("DreamCarRacing-v0", entry_point=DreamEnv)
 
 
 # ----------------------------------------------------------------------------- PPO
@@ -694,8 +577,8 @@ class ProcessVectorEnv:
 
 class RealFeatureEnvs:
     """N real CarRacing envs in worker processes (ProcessVectorEnv), seen through the agent's features
-    [z, h] (the frozen VAE and world model; h carried online per env). With ACTION_REPEAT k a step is
-    one decision held for k frames, and h steps once per decision, as `utils.Agent` does.
+    [z, h] (the frozen VAE and world model; h carried online per env). A step is one decision held for
+    the world model's action repeat k frames, and h steps once per decision, as `utils.Agent` does.
 
     Same-step autoreset: the step that ends an episode returns the next episode's first observation,
     and that step's reward and flags; `final_obs` then holds, for the envs that ended, the features of
@@ -705,8 +588,9 @@ class RealFeatureEnvs:
     kind = "real"
 
     def __init__(self, ckpt_dir: Path, num_envs: int, backend: str = "fast", max_steps: int = 1000, seed: int = 0,
-                 device="cpu", workers: int = 2, action_repeat: int = 1, no_progress_frames: int = 0):
+                 device="cpu", workers: int = 2, no_progress_frames: int = 0):
         vae, world_model, _ = load_vae_and_world_model(Path(ckpt_dir), device)
+        action_repeat = world_model.config.action_repeat
         self.num_envs, self.seed, self.device, self.action_repeat = num_envs, seed, device, action_repeat
         self.obs_dim = world_model.config.latent_dim + world_model.config.hidden_dim
         self.features = FeatureTracker(vae, world_model, num_envs, device)
@@ -734,37 +618,6 @@ class RealFeatureEnvs:
 
     def close(self) -> None:
         self.envs.close()
-
-
-class DreamFeatureEnvs:
-    """A BatchedDream with same-step autoreset, the interface of RealFeatureEnvs: each new dream episode
-    draws the next seed of this run's own sequence (seed * 2**32 + episode count)."""
-
-    kind = "dream"
-    action_repeat = 1
-
-    def __init__(self, dream: BatchedDream, seed: int = 0):
-        self.dream, self.num_envs, self.obs_dim = dream, dream.num_envs, dream.obs_dim
-        self.next_seed = seed * 2**32
-
-    def _seeds(self) -> torch.Tensor:
-        seeds = torch.arange(self.next_seed, self.next_seed + self.num_envs)
-        self.next_seed += self.num_envs
-        return seeds
-
-    def reset(self) -> torch.Tensor:
-        return self.dream.reset(self._seeds())
-
-    def step(self, actions: torch.Tensor):
-        obs, reward, terminated, truncated = self.dream.step(actions)
-        done = terminated | truncated
-        final_obs = obs.clone()
-        if done.any():
-            obs = self.dream.reset(self._seeds(), done)
-        return obs, reward, terminated, truncated, final_obs
-
-    def close(self) -> None:
-        pass
 
 
 @dataclasses.dataclass
@@ -819,10 +672,12 @@ class PPOArgs(ControllerStageArgs):
     """the actor's distribution over the bounded action"""
 
 
-def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
+def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_start: bool = False) -> dict:
     """The PPO loop shared by train_ppo.py (real envs) and train_ppo_in_dream.py (dreams).
 
-    `envs`: RealFeatureEnvs or DreamFeatureEnvs. Writes CKPT_DIR/controller_<name>.pt (the actor-critic,
+    `envs`: RealFeatureEnvs, DreamFeatureEnvs or ImaginedFeatureEnvs. With `warm_start`, a <name>_latest.pt
+    trained in an earlier world model lends its weights (actor-critic, optimizer, reward scaler) and the
+    updates count again from 0 in the current one (the on-policy rounds of the dream loop). Writes CKPT_DIR/controller_<name>.pt (the actor-critic,
     with the identities of the VAE and world model) and <name>_latest.pt (plus optimizer and reward
     scaler: re-running resumes) after every update, TensorBoard scalars under LOG_DIR/<name>-<time>/
     (`<kind>/episode_return` for the training episodes, `eval/real_return` every EVAL_EVERY updates, and
@@ -849,13 +704,17 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
 
     start_update, log_dir = 0, args.log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = resume_controller_checkpoint(latest_path, args.fresh, identities["world_model"]["sha256"], config,
-                                              CONTROLLER_SCRIPTS[name], device)
+                                              CONTROLLER_SCRIPTS[name], device, warm_start)
     if checkpoint:
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["reward_scaler"])
-        start_update, log_dir = checkpoint["update"], Path(checkpoint["log_dir"])
-        print(f"resuming from {latest_path}: update {start_update} of {updates}, {checkpoint['env_steps']} env steps")
+        log_dir = Path(checkpoint["log_dir"])
+        if not checkpoint.get("warm_start"):
+            start_update = checkpoint["update"]
+            print(f"resuming from {latest_path}: update {start_update} of {updates}, {checkpoint['env_steps']} env steps")
+    if hasattr(envs, "skip"):  # a resumed run draws new dream seeds, not the ones it already trained on
+        envs.skip(start_update * args.rollout_steps)
     if start_update >= updates:
         print(f"{latest_path} has already trained {start_update} updates; nothing to do")
         return checkpoint["metrics"]
@@ -873,6 +732,8 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
     bar = tqdm(total=updates * frames_per_update, initial=start_update * frames_per_update, unit="step", desc=name,
                dynamic_ncols=True)
     try:
+        total_updates = checkpoint.get("total_updates", checkpoint["update"]) if checkpoint else 0
+        total_updates -= checkpoint["update"] if checkpoint and not checkpoint.get("warm_start") else 0
         for update in range(start_update, updates):
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - update / updates)
@@ -919,8 +780,8 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
                 writer.add_scalar(f"ppo/{key}", value, env_steps)
             writer.add_scalar("ppo/learning_rate", optimizer.param_groups[0]["lr"], env_steps)
             checkpoint = {"config": plain(config), "state_dict": model.state_dict(), "args": plain(args),
-                          "update": update + 1, "env_steps": env_steps, "metrics": metrics, "log_dir": str(log_dir),
-                          **identities}
+                          "update": update + 1, "total_updates": total_updates + update + 1, "env_steps": env_steps,
+                          "metrics": metrics, "log_dir": str(log_dir), **identities}
             save_checkpoint(out_path, checkpoint)
             save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict(),
                                           "reward_scaler": scaler.state_dict()})
@@ -932,6 +793,7 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None) -> dict:
                 for key, value in (extra_eval(model) if extra_eval else {}).items():
                     writer.add_scalar(f"eval/{key}", value, env_steps)
                     line += f", {key.replace('_', ' ')} {value:.1f}"
+                    metrics[key] = value
                 bar.write(line)
                 metrics["real_return"] = real["mean"]
             bar.update(frames_per_update)

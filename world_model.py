@@ -37,6 +37,9 @@ class WorldModelConfig:
     hidden_dim: int = 256
     num_mixtures: int = 5
     """Gaussians per z dim (the GRU model always uses 1)"""
+    action_repeat: int = 1
+    """frames per step: the model steps once per decision held for this many frames (its clock); 1 in
+    checkpoints made before the clock was recorded"""
 
     @property
     def mixtures(self) -> int:

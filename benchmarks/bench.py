@@ -33,7 +33,8 @@ from conv_vae import ConvVAE, ConvVAEConfig  # noqa: E402
 import train_world_model  # noqa: E402
 from train_vae import train_step  # noqa: E402
 from utils import FrameStream, list_episodes, run_main  # noqa: E402
-from utils_rl import BACKENDS, BatchedDream, collect_episodes, make_env  # noqa: E402
+from dream import BatchedDream  # noqa: E402
+from utils_rl import BACKENDS, collect_episodes, make_env  # noqa: E402
 from world_model import WorldModelConfig, build_world_model  # noqa: E402
 
 

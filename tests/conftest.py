@@ -36,8 +36,8 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 TINY_WORLD_MODEL = {"latent_dim": 4, "hidden_dim": 16, "num_mixtures": 3}
 
 
-def make_checkpoint_dir(tmp_path, arch="gru", world_model=None):
-    """A tiny VAE and world model (random, or the one given) saved the way the stages save them."""
+def make_checkpoint_dir(tmp_path, arch="gru", world_model=None, action_repeat=1):
+    """A tiny VAE and world model (random at ACTION_REPEAT, or the one given) saved the way the stages save them."""
     from conv_vae import ConvVAE, ConvVAEConfig
     from utils import checkpoint_identity, plain, save_checkpoint
     from world_model import WorldModelConfig, build_world_model
@@ -46,7 +46,8 @@ def make_checkpoint_dir(tmp_path, arch="gru", world_model=None):
     ckpt = tmp_path / "ckpt"
     vae_config = ConvVAEConfig(latent_dim=4, channels=(8, 8, 8, 8))
     save_checkpoint(ckpt / "vae.pt", {"config": plain(vae_config), "state_dict": ConvVAE(vae_config).state_dict()})
-    model = world_model or build_world_model(WorldModelConfig(arch=arch, **TINY_WORLD_MODEL))
+    model = world_model or build_world_model(WorldModelConfig(arch=arch, action_repeat=action_repeat,
+                                                              **TINY_WORLD_MODEL))
     save_checkpoint(ckpt / "world_model.pt", {
         "config": plain(model.config), "state_dict": model.state_dict(), "vae": checkpoint_identity(ckpt / "vae.pt"),
         "start_bank": {"mu": torch.randn(5, 4), "logvar": torch.full((5, 4), -2.0)}})

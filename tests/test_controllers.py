@@ -9,7 +9,7 @@ from actor_critic import ControllerConfig, LinearController, population_actions,
 from conftest import make_checkpoint_dir, run_script, save_linear_controller
 from train_cmaes_in_dream import dream_fitness
 from utils import UserError, controller_path, load_agent, load_checkpoint, save_checkpoint
-from utils_rl import BatchedDream
+from dream import BatchedDream
 from world_model import WorldModelConfig, build_world_model
 
 

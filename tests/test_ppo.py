@@ -10,8 +10,8 @@ from conftest import make_checkpoint_dir, run_script
 from test_controllers import gas_pays_world_model
 from utils import (Agent, UserError, controller_path, load_agent, load_checkpoint, load_vae_and_world_model,
                    save_checkpoint)
-from utils_rl import (BatchedDream, DreamFeatureEnvs, PPOArgs, RealFeatureEnvs, _PreprocessedEnv, gae, ppo_update,
-                      train_ppo)
+from dream import BatchedDream, DreamFeatureEnvs
+from utils_rl import PPOArgs, RealFeatureEnvs, _PreprocessedEnv, gae, ppo_update, train_ppo
 
 
 def test_gae_matches_a_plain_reference_loop():
@@ -176,20 +176,21 @@ def test_agent_holds_each_action_for_its_action_repeat(tmp_path):
 
 
 def test_ppo_stages_checkpoint_resume_and_evaluate(tmp_path):
-    ckpt = make_checkpoint_dir(tmp_path)
+    ckpt = make_checkpoint_dir(tmp_path, action_repeat=2)  # both controllers decide at the world model's clock
     common = ["--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"), "--rollout-steps", "8", "--max-steps",
               "20", "--hidden-dim", "16", "--minibatches", "2", "--update-epochs", "2"]
-    dream = ["train_ppo_in_dream.py", *common, "--num-envs", "8", "--eval-every", "0"]
-    first = run_script(*dream, "--total-steps", "64")
+    dream = ["train_ppo_in_dream.py", *common, "--num-envs", "8", "--eval-every", "0", "--no-replay"]
+    first = run_script(*dream, "--total-steps", "128")
     assert first.returncode == 0, first.stderr
-    second = run_script(*dream, "--total-steps", "128")
+    second = run_script(*dream, "--total-steps", "256")
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout
     checkpoint = load_checkpoint(controller_path(ckpt, "ppo_dream"))
-    assert checkpoint["update"] == 2 and checkpoint["env_steps"] == 128 and "optimizer" not in checkpoint
+    assert checkpoint["update"] == 2 and checkpoint["env_steps"] == 256 and "optimizer" not in checkpoint
+    assert checkpoint["config"]["action_repeat"] == 2
     assert checkpoint["world_model"]["sha256"] and checkpoint["vae"]["sha256"]
 
-    real = run_script("train_ppo.py", *common, "--num-envs", "2", "--action-repeat", "2", "--total-steps", "64",
+    real = run_script("train_ppo.py", *common, "--num-envs", "2", "--total-steps", "64",
                       "--eval-every", "2", "--eval-episodes", "1")
     assert real.returncode == 0, real.stderr
     assert "update 2: real env" in real.stdout + real.stderr

@@ -11,7 +11,7 @@ from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, make_episode, run_sc
 from conv_vae import ConvVAE, ConvVAEConfig
 from utils import (UserError, encode_episodes, episode_path, latent_cache_path, load_latent_episode,
                    load_vae_and_world_model, save_checkpoint, save_episode)
-from utils_rl import BatchedDream
+from dream import BatchedDream
 from world_model import MDNRNN, WorldModelConfig, WorldModelGRU, build_world_model
 
 TINY = TINY_WORLD_MODEL

@@ -1,0 +1,326 @@
+"""The dream: CarRacing played inside a trained world model, batched as tensors.
+
+- Counter-based noise (`counter_uniform`): a dream's randomness is a pure function of its own 64-bit
+  seed and step, whatever batch it runs in.
+- `BatchedDream`: B dreams stepped together, one world-model step per decision (the world model's
+  `action_repeat` frames, the clock it was trained at), started from a bank of real episode starts or
+  from given states.
+- `DreamEnv` (`gymnasium.make("DreamCarRacing-v0", ckpt_dir=...)`): one dream as a Gymnasium env.
+- `DreamFeatureEnvs`: whole dream episodes with same-step autoreset, for PPO.
+- `ReplayStarts` and `ImaginedFeatureEnvs`: imagination started from the states of replayed real
+  sequences, `horizon` decisions long, for PPO whose critic bootstraps the rest.
+- `dream_return`: the one dream-return loop (deterministic scores, CMA-ES fitness).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from utils import (UserError, encode_episodes, file_sha256, list_episodes, load_latent_episode,
+                   load_vae_and_world_model)
+from utils_rl import ACTION_HIGH, ACTION_LOW
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, constant: int):
+    """(x * constant) mod 2**32 for int64 tensors holding 32-bit values, without int64 overflow."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _hash32(x):
+    """A 32-bit integer mixer (lowbias32) on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds, steps, count: int):
+    """Uniform noise in (0, 1), (B, count) float32, a pure function of (seed, step, draw index) per env.
+
+    A dream's randomness then depends only on its own seed and step, never on which other dreams
+    share its batch: B single envs reproduce a batch of B exactly, and candidates evaluated on the same
+    seeds see the same noise (common random numbers for CMA-ES). Both 32-bit halves of the int64 seed
+    enter the key, so runs whose seeds differ only above bit 31 (seed * 2**32 + i) draw other streams.
+    """
+    seed_key = _hash32(_hash32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
+    key = _hash32(seed_key ^ (steps & _MASK32))
+    bits = _hash32(key.unsqueeze(-1) ^ _hash32(torch.arange(count, device=seeds.device) + 0x9E3779B9))
+    return ((bits.double() + 0.5) / 2.0**32).float()
+
+
+def box_muller(uniform):
+    """Standard normal noise (B, n) from uniform noise (B, 2n)."""
+    n = uniform.shape[-1] // 2
+    return torch.sqrt(-2 * torch.log(uniform[:, :n])) * torch.cos(2 * torch.pi * uniform[:, n:2 * n])
+
+
+def run_seeds(run_seed: int, first: int, count: int, device=None) -> torch.Tensor:
+    """The dream seeds first .. first + count - 1 of a run: run_seed * 2**32 + index, (count,) int64.
+    Every dream of every stage draws its seeds here, so two runs with other --seed never share a dream."""
+    return torch.arange(first, first + count, device=device) + run_seed * 2**32
+
+
+EVAL_DREAM_SEED = 2**62  # dreams for deterministic scores: seeds 2**62 + i, apart from every run's training seeds
+
+
+class BatchedDream:
+    """B CarRacing dreams inside a world model, stepped together as tensors.
+
+    Observation: [z, h] (B, latent + hidden), the controller's input. A dream starts from the latent
+    of a real episode start (a bank stored in the world-model checkpoint), drawn with the env's seed,
+    or from a given (z, recurrent state). Each step is one decision: it feeds [z, action] to the model
+    (which was trained on decisions held for its `action_repeat` frames), samples the next z with the
+    temperature, and returns the predicted reward of those frames and done (probability > 0.5);
+    `done_prob` keeps the probability. It truncates at `max_steps` frames (ceil(max_steps / action
+    repeat) decisions), the real env's limit. Finished envs are restarted by the caller with `reset`.
+    """
+
+    def __init__(self, world_model, start_mu, start_logvar, num_envs: int, temperature: float = 1.0,
+                 max_steps: int = 1000, device="cpu"):
+        self.model, self.device = world_model, torch.device(device)
+        self.start_mu, self.start_logvar = start_mu.to(self.device), start_logvar.to(self.device)
+        self.num_envs, self.temperature = num_envs, temperature
+        self.action_repeat = world_model.config.action_repeat
+        self.max_steps = math.ceil(max_steps / self.action_repeat)  # decisions
+        self.latent_dim = world_model.config.latent_dim
+        self.obs_dim = self.latent_dim + world_model.config.hidden_dim
+        self.seeds = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+        self.t = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+        self.z = torch.zeros(num_envs, self.latent_dim, device=self.device)
+        self.state = world_model.initial_state(num_envs, self.device)
+        self.done_prob = torch.zeros(num_envs, device=self.device)
+        self.action_low = torch.from_numpy(ACTION_LOW).to(self.device)
+        self.action_high = torch.from_numpy(ACTION_HIGH).to(self.device)
+
+    def observation(self):
+        return torch.cat([self.z, self.model.features(self.state)], -1)
+
+    def reset(self, seeds, mask=None, z=None, state=None):
+        """(Re)start the envs where `mask` (all if None) with the given seeds (B,); returns the observation.
+        The start latent is drawn from the bank with the seed, or given as `z` (B, latent); the recurrent
+        state is the model's initial one, or given as `state` (B, state_size)."""
+        seeds = torch.as_tensor(seeds, dtype=torch.int64, device=self.device)
+        mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device) if mask is None else mask
+        if z is None:
+            start = torch.full_like(seeds, -1)  # step -1: the draws that pick and sample the start latent
+            uniform = counter_uniform(seeds, start, 1 + 2 * self.latent_dim)
+            pick = (uniform[:, 0] * len(self.start_mu)).long().clamp(max=len(self.start_mu) - 1)
+            z = self.start_mu[pick] + torch.exp(0.5 * self.start_logvar[pick]) * box_muller(uniform[:, 1:])
+        if state is None:
+            state = self.model.initial_state(self.num_envs, self.device)
+        self.seeds = torch.where(mask, seeds, self.seeds)
+        self.t = torch.where(mask, torch.zeros_like(self.t), self.t)
+        self.z = torch.where(mask[:, None], z, self.z)
+        self.state = torch.where(mask[:, None], state, self.state)
+        return self.observation()
+
+    def step(self, action):
+        """action (B, 3) -> observation (B, obs_dim), reward (B,), terminated (B,), truncated (B,)."""
+        with torch.no_grad():
+            action = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+            action = torch.maximum(torch.minimum(action, self.action_high), self.action_low)
+            pred, self.state = self.model.step(self.z, action, self.state)
+            uniform = counter_uniform(self.seeds, self.t, 3 * self.latent_dim)  # component picks, then Gaussian noise
+            self.z = self.model.sample_next(pred, self.temperature, uniform[:, :self.latent_dim],
+                                            box_muller(uniform[:, self.latent_dim:]))
+            self.t += 1
+            self.done_prob = torch.sigmoid(pred.done_logit)
+            terminated = pred.done_logit > 0  # probability > 0.5
+            truncated = (self.t >= self.max_steps) & ~terminated
+            return self.observation(), pred.reward, terminated, truncated
+
+
+@torch.no_grad()
+def dream_return(dream: BatchedDream, act: Callable[[torch.Tensor], torch.Tensor], seeds: torch.Tensor,
+                 z: torch.Tensor | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+    """The return of each of the B dreams (one per seed, from the bank or from z/state), played to its end
+    by `act` (observations (B, obs_dim) -> actions (B, 3)): (B,). The one dream-return loop (the
+    deterministic dream scores, CMA-ES fitness)."""
+    obs = dream.reset(seeds, z=z, state=state)
+    returns = torch.zeros(dream.num_envs, device=obs.device)
+    alive = torch.ones(dream.num_envs, dtype=torch.bool, device=obs.device)
+    while alive.any():
+        obs, reward, terminated, truncated = dream.step(act(obs))
+        returns += reward * alive
+        alive &= ~(terminated | truncated)
+    return returns
+
+
+class DreamEnv(gym.Env):
+    """One dream as a Gymnasium env (`DreamCarRacing-v0`), built from a checkpoint dir alone.
+
+    `gymnasium.make("DreamCarRacing-v0", ckpt_dir=DIR)`; observation [z, h]; the CarRacing action;
+    `render()` decodes z to a 64x64 frame. The same step function as BatchedDream (it is one, B=1).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, ckpt_dir: str = "checkpoints", temperature: float = 1.0, max_steps: int = 1000,
+                 render_mode: str | None = None, device: str = "cpu"):
+        self.vae, model, checkpoint = load_vae_and_world_model(Path(ckpt_dir), device)
+        bank = checkpoint["start_bank"]
+        self.dream = BatchedDream(model, bank["mu"], bank["logvar"], 1, temperature, max_steps, device)
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.dream.obs_dim,), np.float32)
+        self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        dream_seed = int(self.np_random.integers(2**31))  # derived from `seed`, so a seeded reset repeats
+        return self.dream.reset([dream_seed])[0].cpu().numpy(), {}
+
+    def step(self, action):
+        obs, reward, terminated, truncated = self.dream.step(np.asarray(action, np.float32)[None])
+        return obs[0].cpu().numpy(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        with torch.no_grad():
+            frame = self.vae.decode(self.dream.z)[0].permute(1, 2, 0).clamp(0, 1)
+        return (frame * 255).round().byte().cpu().numpy()
+
+
+gym.register("DreamCarRacing-v0", entry_point=DreamEnv)
+
+
+class DreamFeatureEnvs:
+    """A BatchedDream with same-step autoreset, the interface of RealFeatureEnvs: each new dream episode
+    draws the next seed of this run's own sequence (run_seeds(seed, episode count))."""
+
+    kind = "dream"
+
+    def __init__(self, dream: BatchedDream, seed: int = 0):
+        self.dream, self.num_envs, self.obs_dim = dream, dream.num_envs, dream.obs_dim
+        self.action_repeat = dream.action_repeat
+        self.seed, self.episodes = seed, 0
+
+    def _seeds(self) -> torch.Tensor:
+        seeds = run_seeds(self.seed, self.episodes, self.num_envs, self.dream.device)
+        self.episodes += self.num_envs
+        return seeds
+
+    def reset(self) -> torch.Tensor:
+        return self.dream.reset(self._seeds())
+
+    def step(self, actions: torch.Tensor):
+        obs, reward, terminated, truncated = self.dream.step(actions)
+        done = terminated | truncated
+        final_obs = obs.clone()
+        if done.any():
+            obs = self.dream.reset(self._seeds(), done)
+        return obs, reward, terminated, truncated, final_obs
+
+    def close(self) -> None:
+        pass
+
+
+class ReplayStarts:
+    """Every state of a set of real sequences, as the agent saw it: z_t (the VAE's mean of decision t's
+    frame) and the world model's recurrent state after (z_0, a_0) .. (z_{t-1}, a_{t-1}).
+
+    episodes: dicts with `mu` (T, latent) and `action` (T, 3) at the world model's clock. The states are
+    computed once (one batched cell pass over the padded episodes) and kept flat: z (N, latent) and
+    state (N, state_size) over the N real decisions. `sample(uniform)` picks starts from uniform noise.
+    """
+
+    def __init__(self, world_model, episodes: list[dict], device="cpu", batch: int = 256):
+        zs, states = [], []
+        with torch.no_grad():
+            for first in range(0, len(episodes), batch):
+                group = episodes[first:first + batch]
+                length = max(len(ep["mu"]) for ep in group)
+                mu = torch.zeros(len(group), length, world_model.config.latent_dim, device=device)
+                action = torch.zeros(len(group), length, world_model.config.action_dim, device=device)
+                valid = torch.zeros(len(group), length, dtype=torch.bool, device=device)
+                for row, ep in enumerate(group):
+                    steps = len(ep["mu"])
+                    mu[row, :steps] = torch.as_tensor(ep["mu"], device=device)
+                    action[row, :steps] = torch.as_tensor(ep["action"], device=device)
+                    valid[row, :steps] = True
+                state = world_model.initial_state(len(group), device)
+                for t in range(length):
+                    zs.append(mu[valid[:, t], t]), states.append(state[valid[:, t]])
+                    _, state = world_model.step(mu[:, t], action[:, t], state)
+        if not zs:
+            raise ValueError("ReplayStarts needs at least one episode with one step")
+        self.z, self.state = torch.cat(zs), torch.cat(states)
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def sample(self, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uniform (B,) in [0, 1) -> start z (B, latent) and state (B, state_size)."""
+        index = (uniform * len(self.z)).long().clamp(max=len(self.z) - 1).to(self.z.device)
+        return self.z[index], self.state[index]
+
+
+def load_replay(data_dir: Path, vae, vae_path: Path, action_repeat: int, device="cpu") -> list[dict]:
+    """The real episodes of DATA_DIR at `action_repeat` as latents (mu, action, ...), encoded by the VAE once
+    and cached (the cache train_world_model.py fills); a data dir without such episodes is a UserError."""
+    vae_sha256 = file_sha256(vae_path)
+    cache = encode_episodes(vae, vae_sha256, list_episodes(data_dir), data_dir, device)
+    episodes = [episode for episode in (load_latent_episode(path, vae_sha256) for path in cache.values())
+                if episode is not None and int(episode["action_repeat"]) == action_repeat]
+    if not episodes:
+        raise UserError(f"no episode at action repeat {action_repeat} in {data_dir}/rollouts/ to start the "
+                        f"imagination from: run collect_data.py --data-dir {data_dir} (or use --no-replay)")
+    return episodes
+
+
+class ImaginedFeatureEnvs:
+    """Imagination for PPO, with the RealFeatureEnvs interface: B dreams start from states of replayed real
+    sequences (ReplayStarts), run `horizon` decisions, and are then truncated and restarted from new
+    replayed states (same-step autoreset). The PPO loop bootstraps each truncation with its critic, so
+    the critic carries the return past the horizon: short imagined stretches, anchored in real states,
+    leave the policy little room to exploit the world model's long-run errors.
+
+    The restart after each ended stretch draws the next seed of this run's sequence (run_seeds), which
+    picks the replayed state and drives the dream's noise.
+    """
+
+    kind = "dream"
+
+    def __init__(self, dream: BatchedDream, starts: ReplayStarts, horizon: int, seed: int = 0):
+        if horizon < 1:
+            raise ValueError("the imagination horizon must be at least 1 decision")
+        self.dream, self.starts, self.horizon = dream, starts, horizon
+        self.num_envs, self.obs_dim, self.action_repeat = dream.num_envs, dream.obs_dim, dream.action_repeat
+        self.seed, self.episodes = seed, 0
+
+    def skip(self, stretches: int) -> None:
+        """Move the seed sequence past `stretches` batches of restarts (a resumed run draws new ones)."""
+        self.episodes += stretches * self.num_envs
+
+    def _restart(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        seeds = run_seeds(self.seed, self.episodes, self.num_envs, self.dream.device)
+        self.episodes += self.num_envs
+        pick = counter_uniform(seeds, torch.full_like(seeds, -2), 1)[:, 0]  # step -2: the replay pick
+        z, state = self.starts.sample(pick)
+        return self.dream.reset(seeds, mask, z=z.to(self.dream.device), state=state.to(self.dream.device))
+
+    def reset(self) -> torch.Tensor:
+        return self._restart()
+
+    def step(self, actions: torch.Tensor):
+        obs, reward, terminated, truncated = self.dream.step(actions)
+        truncated = truncated | ((self.dream.t >= self.horizon) & ~terminated)
+        done = terminated | truncated
+        final_obs = obs.clone()
+        if done.any():
+            obs = self._restart(done)
+        return obs, reward, terminated, truncated, final_obs
+
+    def close(self) -> None:
+        pass

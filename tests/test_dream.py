@@ -1,0 +1,194 @@
+"""The dream: its noise streams, its clock, imagination from replayed real states, and the dream loop."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from actor_critic import ActorCritic, ControllerConfig
+from conftest import make_checkpoint_dir, run_script, save_linear_controller
+from dream import (EVAL_DREAM_SEED, BatchedDream, DreamFeatureEnvs, ImaginedFeatureEnvs, ReplayStarts, counter_uniform,
+                   run_seeds)
+from test_controllers import gas_pays_world_model
+from train_cmaes_in_dream import generation_seeds
+from utils import (UserError, checkpoint_identity, controller_path, episode_path, list_episodes, load_agent,
+                   load_episode, plain, save_checkpoint)
+from utils_rl import collect_episodes, evaluate_agent
+from world_model import WorldModelConfig, build_world_model
+
+TINY = WorldModelConfig(arch="mdn", latent_dim=4, hidden_dim=16, num_mixtures=3)
+
+
+def test_counter_noise_depends_on_both_halves_of_the_seed():
+    base = torch.arange(5)
+    steps = torch.zeros(5, dtype=torch.int64)
+    streams = [counter_uniform(seeds, steps, 8) for seeds in (base, base + 2**32, base + 7 * 2**32, base + EVAL_DREAM_SEED)]
+    for i in range(len(streams)):
+        for j in range(i):
+            assert not torch.isclose(streams[i], streams[j]).any(), "seeds equal in their low 32 bits drew the same noise"
+
+
+def test_runs_with_another_seed_dream_other_dreams():
+    model = build_world_model(TINY).eval()
+    bank = torch.randn(50, 4), torch.full((50, 4), -1.0)
+    first_steps = []
+    for seed in (0, 1):
+        envs = DreamFeatureEnvs(BatchedDream(model, *bank, 8, max_steps=40), seed)
+        envs.reset()
+        first_steps.append(envs.step(torch.zeros(8, 3))[0])
+    assert not torch.isclose(first_steps[0][:, :4], first_steps[1][:, :4]).any()
+    # the CMA-ES generations: every --seed and every generation on new dreams, shared by the candidates
+    assert not set(generation_seeds(0, 3, 4, 2).tolist()) & set(generation_seeds(1, 3, 4, 2).tolist())
+    assert not set(generation_seeds(0, 3, 4, 2).tolist()) & set(generation_seeds(0, 4, 4, 2).tolist())
+    assert generation_seeds(0, 3, 4, 2).view(4, 2).unique(dim=0).shape == (1, 2)
+    assert run_seeds(5, 0, 3).min() >= 5 * 2**32
+
+
+def random_latent_episodes(count=3, steps=(7, 12, 5), seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"mu": rng.normal(size=(steps[i], 4)).astype(np.float32),
+             "action": rng.uniform(0, 1, (steps[i], 3)).astype(np.float32)} for i in range(count)]
+
+
+def test_replay_starts_are_the_states_the_agent_saw():
+    torch.manual_seed(0)
+    model = build_world_model(TINY).eval()
+    episodes = random_latent_episodes()
+    starts = ReplayStarts(model, episodes, batch=2)  # two groups, padded to their longest
+    assert len(starts) == 7 + 12 + 5
+    expected_z, expected_state = [], []
+    for ep in episodes:  # one episode at a time, as utils.Agent steps its memory
+        state = model.initial_state(1)
+        for t in range(len(ep["mu"])):
+            z = torch.as_tensor(ep["mu"][t:t + 1])
+            expected_z.append(z), expected_state.append(state)
+            with torch.no_grad():
+                _, state = model.step(z, torch.as_tensor(ep["action"][t:t + 1]), state)
+    order = lambda x: x[torch.argsort(x[:, 0])]  # noqa: E731 (the flat order groups by step, not by episode)
+    torch.testing.assert_close(order(starts.z), order(torch.cat(expected_z)))
+    expected = torch.cat(expected_state)
+    for z, state in zip(starts.z, starts.state):
+        match = (torch.cat(expected_z) == z).all(-1).nonzero()[0, 0]
+        torch.testing.assert_close(state, expected[match], atol=1e-5, rtol=1e-5)
+
+
+def test_imagination_restarts_from_replayed_states_after_the_horizon():
+    model = build_world_model(TINY).eval()
+    starts = ReplayStarts(model, random_latent_episodes())
+    envs = ImaginedFeatureEnvs(BatchedDream(model, starts.z[:2], torch.zeros(2, 4), 6, max_steps=1000), starts,
+                               horizon=3, seed=0)
+    real_z = {tuple(z.tolist()) for z in starts.z}
+    obs = envs.reset()
+    assert all(tuple(z.tolist()) in real_z for z in obs[:, :4]), "every dream starts at a real decision"
+    for step in range(3):
+        obs, reward, terminated, truncated, final_obs = envs.step(torch.rand(6, 3))
+        done = terminated | truncated
+        if step < 2:
+            assert not truncated.any()
+    assert (truncated | terminated).all(), "cut after HORIZON decisions"
+    assert all(tuple(z.tolist()) in real_z for z in obs[:, :4]) and not torch.equal(final_obs, obs)
+    assert not done.all() or envs.dream.t.eq(0).all()
+    before = envs.episodes
+    envs.skip(5)
+    assert envs.episodes == before + 5 * 6, "a resumed run moves past the seeds it trained on"
+
+
+def test_ppo_in_imagination_learns_to_press_the_gas(tmp_path):
+    from utils_rl import PPOArgs, train_ppo
+
+    model = gas_pays_world_model()  # reward tanh(gas) at every step
+    ckpt = make_checkpoint_dir(tmp_path, world_model=model)
+    starts = ReplayStarts(model, random_latent_episodes())
+    torch.manual_seed(0)
+    envs = ImaginedFeatureEnvs(BatchedDream(model, starts.z[:2], torch.zeros(2, 4), 32, max_steps=1000), starts, 4)
+    args = PPOArgs(ckpt_dir=ckpt, log_dir=tmp_path / "runs", num_envs=32, rollout_steps=4, total_steps=32 * 4 * 25,
+                   hidden_dim=32, learning_rate=3e-3, eval_every=0, device="cpu", minibatches=4)
+    train_ppo(args, envs, "ppo_dream", torch.device("cpu"))
+    agent = load_agent(ckpt, "ppo_dream")
+    gas = np.mean([agent.act(np.zeros((64, 64, 3), np.uint8))[1] for _ in range(5)])
+    assert gas > 0.72, f"the initial policy's gas is 0.5; trained {gas:.2f}"
+
+
+def test_collection_keeps_one_step_per_decision_at_the_action_repeat(tmp_path):
+    collect_episodes(tmp_path / "data", [3], max_steps=40, workers=1, policy_kwargs={"action_repeat": 4},
+                     progress=False)
+    held = load_episode(episode_path(tmp_path / "data", "random", 3), ("reward", "action", "truncated",
+                                                                        "action_repeat"))
+    assert int(held["action_repeat"]) == 4 and len(held["reward"]) == 10 and held["truncated"][-1]
+    collect_episodes(tmp_path / "one", [3], max_steps=40, workers=1, policy_kwargs={"action_repeat": 1},
+                     progress=False)
+    assert len(load_episode(episode_path(tmp_path / "one", "random", 3))["reward"]) == 40
+
+
+def test_world_model_stage_trains_at_the_episodes_clock(tmp_path):
+    from conftest import make_episode
+    from utils import save_episode
+
+    ckpt = make_checkpoint_dir(tmp_path)
+    data = tmp_path / "data"
+    for seed in range(3):
+        save_episode(episode_path(data, "random", seed), make_episode(12, seed) | {"action_repeat": 4})
+    save_episode(episode_path(data, "old", 9), make_episode(12, 9))  # collected before the clock: 1 frame
+    common = ["train_world_model.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir",
+              str(tmp_path / "runs"), "--epochs", "1", "--hidden-dim", "16", "--batch-size", "2", "--no-collect"]
+    result = run_script(*common, "--action-repeat", "4")
+    assert result.returncode == 0, result.stderr
+    assert "skipping 1 episodes collected at another action repeat" in result.stdout
+    wm = torch.load(ckpt / "world_model.pt", weights_only=True)
+    assert wm["config"]["action_repeat"] == 4
+    missing = run_script(*common, "--action-repeat", "2", "--fresh")
+    assert missing.returncode == 2 and "collect_data.py --action-repeat 2" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_an_agent_decides_at_its_world_models_clock(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path, action_repeat=4)
+    config = ControllerConfig(kind="actor_critic", obs_dim=20, hidden_dim=8, action_repeat=1)
+    save_checkpoint(controller_path(ckpt, "ppo"), {
+        "config": plain(config), "state_dict": ActorCritic(config).state_dict(),
+        "vae": checkpoint_identity(ckpt / "vae.pt"), "world_model": checkpoint_identity(ckpt / "world_model.pt")})
+    with pytest.raises(UserError, match="decides every 1 frames but .* steps every 4"):
+        load_agent(ckpt, "ppo")
+
+
+def test_evaluation_with_held_decisions_equals_the_frame_by_frame_agent(tmp_path):
+    """evaluate_agent plays decisions in an env that holds them (only the last frame drawn); an agent that
+    holds its own action frame by frame in the plain env must score exactly the same."""
+    from utils import preprocess_frame
+    from utils_rl import make_env
+
+    ckpt = make_checkpoint_dir(tmp_path, action_repeat=3)
+    save_linear_controller(ckpt, seed=3)  # its config says action_repeat 1: put it at the world model's clock
+    checkpoint = torch.load(controller_path(ckpt, "cmaes"), weights_only=True)
+    checkpoint["config"]["action_repeat"] = 3
+    save_checkpoint(controller_path(ckpt, "cmaes"), checkpoint)
+    result = evaluate_agent(ckpt, "cmaes", episodes=2, seed=11, workers=1, max_steps=60, progress=False)
+    agent, env = load_agent(ckpt, "cmaes"), make_env("fast", 60)
+    for i, expected in enumerate(result["returns"]):
+        frame, _ = env.reset(seed=11 + i)
+        agent.reset()
+        total, done = 0.0, False
+        while not done:
+            frame, reward, terminated, truncated, _ = env.step(agent(preprocess_frame(frame)))
+            total, done = total + reward, terminated or truncated
+        assert total == pytest.approx(expected, abs=1e-4)
+    env.close()
+
+
+def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path, action_repeat=4)
+    (ckpt / "world_model.pt").unlink()  # the loop trains its own on the episodes it collects
+    common = ["train_dream_loop.py", "--data-dir", str(tmp_path / "data"), "--ckpt-dir", str(ckpt), "--log-dir",
+              str(tmp_path / "runs"), "--random-episodes", "3", "--episodes-per-round", "1", "--wm-epochs", "1",
+              "--wm-epochs-per-round", "1", "--updates-per-round", "1", "--num-envs", "8", "--horizon", "4",
+              "--check-episodes", "1", "--workers", "1", "--max-steps", "40"]
+    first = run_script(*common, "--rounds", "1")
+    assert first.returncode == 0, first.stderr
+    second = run_script(*common, "--rounds", "2")
+    assert second.returncode == 0, second.stderr
+    assert "resuming: 1 rounds done" in second.stdout and "== round 1:" in second.stdout
+    records = json.loads((ckpt / "dream_loop.json").read_text())["rounds"]
+    assert [r["round"] for r in records] == [0, 1] and records[1]["real_frames"] > records[0]["real_frames"]
+    assert len(list_episodes(tmp_path / "data", ["round1"])) == 1 and (ckpt / "dream_loop.png").exists()
+    assert load_agent(ckpt, "ppo_dream").action_repeat == 4

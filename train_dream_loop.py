@@ -1,0 +1,169 @@
+"""Learning in the dream, one command: collect -> world model -> PPO in the dream -> collect with it -> ...
+
+Reads:  nothing but what it writes itself (CKPT_DIR/vae.pt is trained on round 0's episodes when absent).
+Writes: DATA_DIR/rollouts/random/ (round 0: Brownian episodes) and DATA_DIR/rollouts/round<r>/ (episodes the
+        dream-trained controller drove, with exploration noise, on tracks of their own), CKPT_DIR/vae.pt,
+        world_model.pt, controller_ppo_dream.pt (+ their *_latest.pt), CKPT_DIR/dream_loop.json (one record
+        per finished round) and CKPT_DIR/dream_loop.png (the dream-to-real gap curve); logs under LOG_DIR.
+
+Round r (0 .. ROUNDS-1):
+  1. collect: round 0 drives RANDOM_EPISODES random episodes; round r >= 1 lets the current controller drive
+     EPISODES_PER_ROUND episodes with NOISE on its actions (its failures included);
+  2. world model: trains on every episode so far, up to WM_EPOCHS + WM_EPOCHS_PER_ROUND * r epochs;
+  3. controller: UPDATES_PER_ROUND PPO updates in imagination started from the real states of every episode
+     (train_ppo_in_dream.py), going on from the previous round's weights;
+  4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks.
+The real env only supplies the world model's data: the check is printed and logged, never trained on or
+used to choose; the controller shipped is the last one. A kill at any moment resumes: finished rounds are
+in dream_loop.json, and each stage of the current round resumes from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+import train_ppo_in_dream
+import train_vae
+import train_world_model
+from utils import UserError, atomic_write, episode_dir, episode_path, is_complete_npz, list_episodes, run_main
+from utils_rl import collect_episodes
+
+LOOP_FILE, CURVE_FILE = "dream_loop.json", "dream_loop.png"
+ROUND_SEED = 10_000_000  # round r drives tracks ROUND_SEED + 100_000 r + i: apart from every other seed range
+
+
+@dataclass
+class Args:
+    data_dir: Path = Path("data")
+    ckpt_dir: Path = Path("checkpoints")
+    log_dir: Path = Path("runs")
+    rounds: int = 8
+    """rounds of collect -> world model -> controller (a resumed run goes on up to this many)"""
+    random_episodes: int = 200
+    """round 0: random episodes (track seeds 0 ..)"""
+    episodes_per_round: int = 50
+    """rounds >= 1: episodes the current controller drives"""
+    noise: float = 0.1
+    """std of the Gaussian noise on the controller's actions while it collects"""
+    action_repeat: int = 4
+    """frames per decision: the clock of the world model and the controller"""
+    vae_epochs: int = 3
+    """epochs of the VAE when CKPT_DIR has none"""
+    arch: Literal["gru", "mdn"] = "mdn"
+    """world model: MDN-RNN (LSTM + mixture) or GRU"""
+    wm_epochs: int = 30
+    """world-model epochs of round 0"""
+    wm_epochs_per_round: int = 8
+    """more world-model epochs per round, over all the data"""
+    updates_per_round: int = 60
+    """PPO updates in imagination per round"""
+    num_envs: int = 1024
+    """imagined dreams per update, each started from a replayed real state"""
+    horizon: int = 16
+    """imagined decisions per dream before the critic bootstraps"""
+    temperature: float = 1.0
+    """dream sampling temperature"""
+    check_episodes: int = 10
+    """real tracks of the per-round check (seeds from 5,000,000; logged, never used)"""
+    max_steps: int = 1000
+    """episode length in frames (collection, checks and whole dreams)"""
+    workers: int = 2
+    seed: int = 0
+    env_backend: str = "fast"
+    """fast (pixel-exact CarRacing-v3) or gymnasium for collection and checks"""
+
+
+def collect_round(args: Args, round_index: int) -> None:
+    """Round 0: random episodes; later rounds: the current dream controller drives, with noise."""
+    if round_index == 0:
+        seeds, source, policy = range(args.random_episodes), "random", "random"
+        kwargs = {"action_repeat": args.action_repeat}
+    else:
+        first = ROUND_SEED + 100_000 * round_index + 1000 * args.seed
+        seeds, source, policy = range(first, first + args.episodes_per_round), f"round{round_index}", "agent"
+        kwargs = {"ckpt_dir": str(args.ckpt_dir), "controller": "ppo_dream", "noise": args.noise}
+    if all(is_complete_npz(episode_path(args.data_dir, source, seed)) for seed in seeds):
+        return  # (an agent is only loaded when there is something to drive)
+    summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, policy, kwargs, source)
+    print(f"round {round_index}: collected {len(summaries)} episodes into {episode_dir(args.data_dir, source)}, "
+          f"return {np.mean([s['return'] for s in summaries]):.1f}")
+
+
+def data_frames(data_dir: Path) -> int:
+    """Real env frames in the episode files (decisions x their action repeat)."""
+    frames = 0
+    for path in list_episodes(data_dir):
+        with np.load(path, allow_pickle=False) as npz:
+            frames += len(npz["reward"]) * int(npz["action_repeat"]) if "action_repeat" in npz else len(npz["reward"])
+    return frames
+
+
+def plot_curve(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = [r["real_frames"] / 1000 for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(frames, [r["dream_return"] for r in records], "o-", label="dream (whole dreams, deterministic)")
+    ax.plot(frames, [r["real_return"] for r in records], "s-", label="real env (check tracks, logged only)")
+    ax.set_xlabel("real env frames of data (thousands)")
+    ax.set_ylabel("return")
+    ax.set_title("dream-trained controller: dream vs real, per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main(args: Args) -> None:
+    if min(args.rounds, args.random_episodes, args.episodes_per_round, args.action_repeat, args.updates_per_round,
+           args.wm_epochs, args.check_episodes) < 1:
+        raise UserError("--rounds, --random-episodes, --episodes-per-round, --action-repeat, --updates-per-round, "
+                        "--wm-epochs and --check-episodes must be at least 1")
+    loop_path = args.ckpt_dir / LOOP_FILE
+    records = json.loads(loop_path.read_text())["rounds"] if loop_path.exists() else []
+    if records:
+        print(f"resuming: {len(records)} rounds done in {loop_path}")
+    wall = records[-1]["wall_seconds"] if records else 0.0
+    for round_index in range(len(records), args.rounds):
+        round_start = time.perf_counter()
+        collect_round(args, round_index)
+        if not (args.ckpt_dir / "vae.pt").exists():
+            train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
+                                          epochs=args.vae_epochs, seed=args.seed, collect=False))
+        train_world_model.main(train_world_model.Args(
+            data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir, arch=args.arch,
+            epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
+            seed=args.seed, collect=False))
+        ppo_args = train_ppo_in_dream.Args(
+            ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,
+            horizon=args.horizon, rollout_steps=args.horizon, temperature=args.temperature, seed=args.seed,
+            total_steps=args.updates_per_round * args.num_envs * args.horizon * args.action_repeat,
+            eval_every=args.updates_per_round, eval_episodes=args.check_episodes, workers=args.workers,
+            max_steps=args.max_steps)
+        metrics = train_ppo_in_dream.main(ppo_args)
+        wall += time.perf_counter() - round_start
+        record = {"round": round_index, "real_frames": data_frames(args.data_dir) + args.max_steps * args.check_episodes *
+                  (round_index + 1), "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
+                  "dream_return": metrics.get("dream_return", math.nan), "real_return": metrics.get("real_return", math.nan)}
+        records.append(record)
+        atomic_write(loop_path, lambda f: f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                               "rounds": records}, indent=2).encode()))
+        plot_curve(records, args.ckpt_dir / CURVE_FILE)
+        print(f"== round {round_index}: {record['real_frames']:,} real frames so far, {wall / 60:.1f} min, dream return "
+              f"{record['dream_return']:.1f}, real check {record['real_return']:.1f} over {args.check_episodes} tracks")
+    print(f"dream-trained controller in {args.ckpt_dir / 'controller_ppo_dream.pt'}; rounds in {loop_path}")
+
+
+if __name__ == "__main__":
+    run_main(main, Args, description=__doc__)
