@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import (StageArgs, UserError, checkpoint_identity, encode_episodes, frames_grid, load_checkpoint,
+from utils import (StageArgs, UserError, atomic_write, checkpoint_identity, encode_episodes, frames_grid, load_checkpoint,
                    load_episode, load_latent_episode, load_vae, plain, resume_checkpoint, run_main, save_checkpoint,
                    setup_stage, split_episodes)
 from dream import BatchedDream
@@ -162,6 +162,8 @@ def dream_grid(vae, model: RecurrentWorldModel, episode_path: Path, start_bank: 
     episode = load_episode(episode_path)
     start = min(start, max(0, len(episode["obs"]) - columns * every - 1))
     steps = min(columns * every, len(episode["obs"]) - start - 1)
+    if steps < 1:
+        return None
     frames = torch.from_numpy(episode["obs"][:start + steps + 1]).to(device)
     mu, _ = vae.encode(vae.to_input(frames))
     actions = torch.from_numpy(episode["action"]).to(device)
@@ -174,7 +176,7 @@ def dream_grid(vae, model: RecurrentWorldModel, episode_path: Path, start_bank: 
     for t in range(start, start + steps):
         dream.step(actions[t:t + 1])
         dreamed.append(dream.z)
-    picks = list(range(every - 1, steps, every))
+    picks = list(range(every - 1, steps, every)) or [steps - 1]  # a short episode still shows its last step
     to_image = lambda x: (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()  # noqa: E731
     real = episode["obs"][[start + 1 + i for i in picks]]
     recon = to_image(vae.decode(mu[[start + 1 + i for i in picks]]))
@@ -291,7 +293,8 @@ def main(args: Args) -> None:
     model.load_state_dict(load_checkpoint(best_path, map_location=device)["state_dict"])
     model.eval()
     grid = dream_grid(vae, model, val_paths[0], start_bank, args.temperature, device)
-    iio.imwrite(args.ckpt_dir / "world_model_grid.png", grid)
+    if grid is not None:  # (a validation episode of one step has nothing to dream)
+        atomic_write(args.ckpt_dir / "world_model_grid.png", lambda f: iio.imwrite(f, grid, extension=".png"))
     print(f"best val loss {best_val:.4f} in {best_path}; real | reconstruction | dream in "
           f"{args.ckpt_dir / 'world_model_grid.png'}")
 

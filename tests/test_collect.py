@@ -17,9 +17,10 @@ def test_collect_two_short_episodes_then_rerun_skips_them(tmp_path):
     paths = list_episodes(tmp_path)
     assert [p.name for p in paths] == ["ep_0000007.npz", "ep_0000008.npz"]
     for path in paths:
-        episode = load_episode(path)
-        assert episode["obs"].shape == (30, 64, 64, 3) and episode["obs"].dtype == np.uint8
-        assert episode["action"].shape == (30, 3) and episode["truncated"][-1]
+        episode = load_episode(path, ("obs", "action", "truncated", "action_repeat"))
+        # one step per decision: 30 frames at the default action repeat 4 are 8 decisions, the last cut short
+        assert episode["obs"].shape == (8, 64, 64, 3) and episode["obs"].dtype == np.uint8
+        assert episode["action"].shape == (8, 3) and episode["truncated"][-1] and episode["action_repeat"] == 4
         assert -1 <= episode["action"][:, 0].min() and episode["action"][:, 1:].min() >= 0
     mtimes = [p.stat().st_mtime_ns for p in paths]
     assert collect_episodes(tmp_path, track_seeds=[7, 8], max_steps=30, workers=2, progress=False) == []
@@ -78,7 +79,7 @@ def _alive(pid: int) -> bool:
 
 def test_killed_collection_leaves_no_half_file_no_stray_worker_and_resumes(tmp_path):
     command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "4",
-               "--max-steps", "150", "--workers", "2"]
+               "--max-steps", "600", "--workers", "2"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list_episodes(tmp_path) and time.time() < deadline:  # kill once the first file landed

@@ -174,7 +174,8 @@ def test_train_world_model_stage_resumes_and_errors(tmp_path):
             episode["terminated"][-1], episode["truncated"][-1] = True, False
         save_episode(episode_path(data, "random", seed), episode)
     common = ["train_world_model.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir",
-              str(tmp_path / "runs"), "--hidden-dim", "16", "--num-mixtures", "2", "--batch-size", "2", "--no-collect"]
+              str(tmp_path / "runs"), "--hidden-dim", "16", "--num-mixtures", "2", "--batch-size", "2", "--no-collect",
+              "--action-repeat", "1"]  # make_episode's files, like those collected before the clock, say 1
     first = run_script(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr
     assert (ckpt / "world_model.pt").exists() and (ckpt / "world_model_grid.png").exists()
@@ -201,7 +202,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     for seed in range(4):
         save_episode(episode_path(data, "random", seed), make_episode(30, seed))
     common = ["train_world_model.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir",
-              str(tmp_path / "runs"), "--hidden-dim", "16", "--num-mixtures", "2", "--batch-size", "1", "--no-collect"]
+              str(tmp_path / "runs"), "--hidden-dim", "16", "--num-mixtures", "2", "--batch-size", "1", "--no-collect",
+              "--action-repeat", "1"]
     assert run_script(*common, "--epochs", "1").returncode == 0
     good = (ckpt / "world_model_latest.pt").read_bytes()
     blown = run_script(*common, "--epochs", "3", "--fresh", "--lr", "1e30")  # diverges within a step or two
