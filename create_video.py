@@ -39,7 +39,7 @@ class Args:
     """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
     mode: Literal["play", "dream", "grid"] = "play"
     steps: int = 500
-    """frames in the video"""
+    """frames in the video (in dream mode one frame is one decision, the world model's step)"""
     out: Path = Path("videos/agent.mp4")
     """.mp4 or .gif"""
     fps: int = 30
@@ -108,7 +108,8 @@ def dream_frames(args: Args, agent, vae, world_model, bank) -> Iterator[np.ndarr
 
 def grid_frames(args: Args, agent, vae, world_model, bank) -> Iterator[np.ndarray]:
     """Real | reconstruction | open-loop dream. The dream starts from the first real frame's z and then
-    only ever sees its own samples and the real actions."""
+    only ever sees its own samples and the real actions, one world-model step per decision (the agent's
+    action repeat): the dream column changes on decision frames and shows what it expects there."""
     env = make_env(args.env_backend)
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 1, args.temperature, max_steps=10**9)
     try:
@@ -122,9 +123,11 @@ def grid_frames(args: Args, agent, vae, world_model, bank) -> Iterator[np.ndarra
                 action = agent(small)  # encodes the frame: its z is agent.features.z
                 if t == 0:
                     dream.reset([track], z=agent.features.z)
+                decides = t % agent.action_repeat == 0
                 row = np.stack([small, decode(vae, agent.features.z)[0], decode(vae, dream.z)[0]])
                 yield overlay(frames_grid([row], scale=4), [f"real | reconstruction | dream   step {t}"])
-                dream.step(torch.from_numpy(action)[None])
+                if decides:
+                    dream.step(torch.from_numpy(action)[None])
                 frame, _, terminated, truncated, _ = env.step(action)
                 done, t = terminated or truncated, t + 1
             track += 1

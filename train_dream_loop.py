@@ -62,6 +62,9 @@ class Args:
     """world-model epochs of round 0"""
     wm_epochs_per_round: int = 8
     """more world-model epochs per round, over all the data"""
+    reward_overshoot_weight: float = 4.0
+    """> 1: the world model's reward loss punishes predicting more than was earned (a dream that is not
+    optimistic off the road); train_world_model.py's flag"""
     updates_per_round: int = 60
     """PPO updates in imagination per round"""
     num_envs: int = 1024
@@ -80,8 +83,9 @@ class Args:
     """fast (pixel-exact CarRacing-v3) or gymnasium for collection and checks"""
 
 
-def collect_round(args: Args, round_index: int) -> None:
-    """Round 0: random episodes; later rounds: the current dream controller drives, with noise."""
+def collect_round(args: Args, round_index: int) -> float:
+    """Round 0: random episodes; later rounds: the current dream controller drives, with noise. Returns the
+    mean return of the episodes collected now (nan when they were all there already)."""
     if round_index == 0:
         seeds, source, policy = range(args.random_episodes), "random", "random"
         kwargs = {"action_repeat": args.action_repeat}
@@ -90,10 +94,12 @@ def collect_round(args: Args, round_index: int) -> None:
         seeds, source, policy = range(first, first + args.episodes_per_round), f"round{round_index}", "agent"
         kwargs = {"ckpt_dir": str(args.ckpt_dir), "controller": "ppo_dream", "noise": args.noise}
     if all(is_complete_npz(episode_path(args.data_dir, source, seed)) for seed in seeds):
-        return  # (an agent is only loaded when there is something to drive)
+        return math.nan  # (an agent is only loaded when there is something to drive)
     summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, policy, kwargs, source)
+    mean_return = float(np.mean([s["return"] for s in summaries]))
     print(f"round {round_index}: collected {len(summaries)} episodes into {episode_dir(args.data_dir, source)}, "
-          f"return {np.mean([s['return'] for s in summaries]):.1f}")
+          f"return {mean_return:.1f}")
+    return mean_return
 
 
 def data_frames(data_dir: Path) -> int:
@@ -115,6 +121,10 @@ def plot_curve(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(frames, [r["dream_return"] for r in records], "o-", label="dream (whole dreams, deterministic)")
     ax.plot(frames, [r["real_return"] for r in records], "s-", label="real env (check tracks, logged only)")
+    collected = [(frames[i - 1], r["collect_return"]) for i, r in enumerate(records)
+                 if i and math.isfinite(r.get("collect_return", math.nan))]
+    if collected:  # round r's data was driven by round r - 1's controller: plotted at that round
+        ax.plot(*zip(*collected), "^:", label="real env, its next round's data (with noise)")
     ax.set_xlabel("real env frames of data (thousands)")
     ax.set_ylabel("return")
     ax.set_title("dream-trained controller: dream vs real, per round")
@@ -137,13 +147,14 @@ def main(args: Args) -> None:
     wall = records[-1]["wall_seconds"] if records else 0.0
     for round_index in range(len(records), args.rounds):
         round_start = time.perf_counter()
-        collect_round(args, round_index)
+        collect_return = collect_round(args, round_index)
         if not (args.ckpt_dir / "vae.pt").exists():
             train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
                                           epochs=args.vae_epochs, seed=args.seed, collect=False))
         train_world_model.main(train_world_model.Args(
             data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir, arch=args.arch,
             epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
+            reward_overshoot_weight=args.reward_overshoot_weight,
             seed=args.seed, collect=False))
         ppo_args = train_ppo_in_dream.Args(
             ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,
@@ -155,7 +166,8 @@ def main(args: Args) -> None:
         wall += time.perf_counter() - round_start
         record = {"round": round_index, "real_frames": data_frames(args.data_dir) + args.max_steps * args.check_episodes *
                   (round_index + 1), "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
-                  "dream_return": metrics.get("dream_return", math.nan), "real_return": metrics.get("real_return", math.nan)}
+                  "dream_return": metrics.get("dream_return", math.nan), "real_return": metrics.get("real_return", math.nan),
+                  "collect_return": collect_return}
         records.append(record)
         atomic_write(loop_path, lambda f: f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                "rounds": records}, indent=2).encode()))
