@@ -8,7 +8,8 @@ Writes: DATA_DIR/rollouts/random/ (round 0: Brownian episodes) and DATA_DIR/roll
 
 Round r (0 .. ROUNDS-1):
   1. collect: round 0 drives RANDOM_EPISODES random episodes; round r >= 1 lets the current controller drive
-     EPISODES_PER_ROUND episodes with NOISE on its actions (its failures included);
+     EPISODES_PER_ROUND episodes of new tracks, DETERMINISTIC_SHARE of them as it is evaluated (its failures
+     included) and the rest with NOISE on its actions (around its path);
   2. world model: trains on every episode so far, up to WM_EPOCHS + WM_EPOCHS_PER_ROUND * r epochs;
   3. controller: UPDATES_PER_ROUND PPO updates in imagination started from the real states of every episode
      (train_ppo_in_dream.py), going on from the previous round's weights;
@@ -52,6 +53,9 @@ class Args:
     """rounds >= 1: episodes the current controller drives"""
     noise: float = 0.1
     """std of the Gaussian noise on the controller's actions while it collects"""
+    deterministic_share: float = 0.5
+    """share of each round's episodes the controller drives without noise, as it is evaluated: its own
+    failures (slowing to a stop, which noise hides) then reach the world model"""
     action_repeat: int = 4
     """frames per decision: the clock of the world model and the controller"""
     vae_epochs: int = 3
@@ -83,23 +87,31 @@ class Args:
     """fast (pixel-exact CarRacing-v3) or gymnasium for collection and checks"""
 
 
-def collect_round(args: Args, round_index: int) -> float:
-    """Round 0: random episodes; later rounds: the current dream controller drives, with noise. Returns the
-    mean return of the episodes collected now (nan when they were all there already)."""
+def collect_round(args: Args, round_index: int) -> list[float]:
+    """Round 0: random episodes; later rounds: the current dream controller drives, without and with noise.
+    Returns the mean return of each batch collected now ([random] or [no noise, noise]; nan for a batch that
+    was all there already)."""
     if round_index == 0:
-        seeds, source, policy = range(args.random_episodes), "random", "random"
-        kwargs = {"action_repeat": args.action_repeat}
-    else:
+        source = "random"
+        batches = [(range(args.random_episodes), "random", {"action_repeat": args.action_repeat})]
+    else:  # the first DETERMINISTIC_SHARE of the round's tracks without noise, the rest with NOISE
         first = ROUND_SEED + 100_000 * round_index + 1000 * args.seed
-        seeds, source, policy = range(first, first + args.episodes_per_round), f"round{round_index}", "agent"
-        kwargs = {"ckpt_dir": str(args.ckpt_dir), "controller": "ppo_dream", "noise": args.noise}
-    if all(is_complete_npz(episode_path(args.data_dir, source, seed)) for seed in seeds):
-        return math.nan  # (an agent is only loaded when there is something to drive)
-    summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, policy, kwargs, source)
-    mean_return = float(np.mean([s["return"] for s in summaries]))
-    print(f"round {round_index}: collected {len(summaries)} episodes into {episode_dir(args.data_dir, source)}, "
-          f"return {mean_return:.1f}")
-    return mean_return
+        plain = first + round(args.deterministic_share * args.episodes_per_round)
+        source, agent = f"round{round_index}", {"ckpt_dir": str(args.ckpt_dir), "controller": "ppo_dream"}
+        batches = [(range(first, plain), "agent", agent | {"noise": 0.0}),
+                   (range(plain, first + args.episodes_per_round), "agent", agent | {"noise": args.noise})]
+    returns = []
+    for seeds, policy, kwargs in batches:
+        if seeds and not all(is_complete_npz(episode_path(args.data_dir, source, seed)) for seed in seeds):
+            summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, policy,
+                                         kwargs, source)  # (an agent is only loaded when there is something to drive)
+            returns.append(float(np.mean([s["return"] for s in summaries])))
+            how = f" (the controller, noise {kwargs['noise']})" if policy == "agent" else ""
+            print(f"round {round_index}: collected {len(summaries)} episodes{how} into "
+                  f"{episode_dir(args.data_dir, source)}, return {returns[-1]:.1f}")
+        else:
+            returns.append(math.nan)
+    return returns
 
 
 def data_frames(data_dir: Path) -> int:
@@ -121,15 +133,17 @@ def plot_curve(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(frames, [r["dream_return"] for r in records], "o-", label="dream (whole dreams, deterministic)")
     ax.plot(frames, [r["real_return"] for r in records], "s-", label="real env (check tracks, logged only)")
-    collected = [(frames[i - 1], r["collect_return"]) for i, r in enumerate(records)
-                 if i and math.isfinite(r.get("collect_return", math.nan))]
-    if collected:  # round r's data was driven by round r - 1's controller: plotted at that round
-        ax.plot(*zip(*collected), "^:", label="real env, its next round's data (with noise)")
+    for key, style, label in (("collect_return_deterministic", "v--", "real env, next round's data, no noise"),
+                              ("collect_return_noisy", "^:", "real env, next round's data, noise")):
+        # round r's data is driven by round r - 1's controller: plotted at that round
+        points = [(frames[i - 1], r[key]) for i, r in enumerate(records) if i and math.isfinite(r.get(key, math.nan))]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("real env frames of data (thousands)")
     ax.set_ylabel("return")
     ax.set_title("dream-trained controller: dream vs real, per round")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
@@ -147,7 +161,7 @@ def main(args: Args) -> None:
     wall = records[-1]["wall_seconds"] if records else 0.0
     for round_index in range(len(records), args.rounds):
         round_start = time.perf_counter()
-        collect_return = collect_round(args, round_index)
+        collect_returns = collect_round(args, round_index)
         if not (args.ckpt_dir / "vae.pt").exists():
             train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
                                           epochs=args.vae_epochs, seed=args.seed, collect=False))
@@ -167,7 +181,8 @@ def main(args: Args) -> None:
         record = {"round": round_index, "real_frames": data_frames(args.data_dir) + args.max_steps * args.check_episodes *
                   (round_index + 1), "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
                   "dream_return": metrics.get("dream_return", math.nan), "real_return": metrics.get("real_return", math.nan),
-                  "collect_return": collect_return}
+                  "collect_return_deterministic": collect_returns[0] if round_index else math.nan,
+                  "collect_return_noisy": collect_returns[-1] if round_index else math.nan}
         records.append(record)
         atomic_write(loop_path, lambda f: f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                "rounds": records}, indent=2).encode()))
