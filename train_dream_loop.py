@@ -123,6 +123,27 @@ def data_frames(data_dir: Path) -> int:
     return frames
 
 
+RECIPE = ("data_dir", "action_repeat", "arch", "random_episodes", "episodes_per_round", "seed")  # fixed per run
+
+
+def load_records(path: Path, args: Args) -> list[dict]:
+    """The finished rounds of the run in CKPT_DIR ([] for a new one); a run made with another recipe, or a
+    damaged record, is a UserError rather than a silent mix of two runs."""
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        records, saved_args = saved["rounds"], saved["args"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is damaged ({type(error).__name__}): move it away to start the loop over")
+    other = [name for name in RECIPE if saved_args.get(name) != str(getattr(args, name))]
+    if other:
+        raise UserError(f"{path} is the record of a run with other {', '.join(other)} "
+                        f"({', '.join(f'{name}={saved_args.get(name)}' for name in other)}): use the same settings "
+                        "or another --ckpt-dir")
+    return records
+
+
 def plot_curve(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -155,7 +176,7 @@ def main(args: Args) -> None:
         raise UserError("--rounds, --random-episodes, --episodes-per-round, --action-repeat, --updates-per-round, "
                         "--wm-epochs and --check-episodes must be at least 1")
     loop_path = args.ckpt_dir / LOOP_FILE
-    records = json.loads(loop_path.read_text())["rounds"] if loop_path.exists() else []
+    records = load_records(loop_path, args)
     if records:
         print(f"resuming: {len(records)} rounds done in {loop_path}")
     wall = records[-1]["wall_seconds"] if records else 0.0

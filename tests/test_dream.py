@@ -192,3 +192,8 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     assert [r["round"] for r in records] == [0, 1] and records[1]["real_frames"] > records[0]["real_frames"]
     assert len(list_episodes(tmp_path / "data", ["round1"])) == 1 and (ckpt / "dream_loop.png").exists()
     assert load_agent(ckpt, "ppo_dream").action_repeat == 4
+    other = run_script(*[arg if arg != str(tmp_path / "data") else str(tmp_path / "other") for arg in common],
+                       "--rounds", "3")
+    assert other.returncode == 2 and "run with other data_dir" in other.stderr and "Traceback" not in other.stderr
+    missing = run_script("train_ppo_in_dream.py", "--ckpt-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
