@@ -26,7 +26,7 @@ test: venv
 # The default pipeline, resumable: re-running continues where a killed run stopped. Each stage's
 # wall-clock is added to CKPT_DIR/stage_times.tsv (summed over re-runs); the last step prints the table.
 TRAIN_EPISODES ?= 200
-VAE_EPOCHS ?= 3
+VAE_EPOCHS ?= 12
 PPO_STEPS ?= 1000000
 EVAL_EPISODES ?= 100
 STAGE_TIMES = $(CKPT_DIR)/stage_times.tsv
