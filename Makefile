@@ -63,10 +63,11 @@ iterate: venv
 # Learning in the dream, one resumable command: random data -> VAE -> world model -> PPO in imagination from
 # replayed real states -> the controller collects -> ... (DREAM_ROUNDS rounds), then the 100-track evaluation.
 # The controller never sees a real return; the per-round real check is only printed and logged.
-DREAM_ROUNDS ?= 8
+DREAM_ROUNDS ?= 10
 DREAM_DIR ?= $(CKPT_DIR)/dream
+DREAM_DATA ?= $(DATA_DIR)/dream
 dream: venv
-	$(PY) train_dream_loop.py --data-dir $(DATA_DIR) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
+	$(PY) train_dream_loop.py --data-dir $(DREAM_DATA) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
 		--env-backend $(BACKEND)
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller ppo_dream --episodes $(EVAL_EPISODES)
 

@@ -1,4 +1,5 @@
-"""Evaluate an agent on CarRacing-v3: N episodes on track seeds S..S+N-1, deterministic actions.
+"""Evaluate an agent on CarRacing-v3: N episodes on track seeds S..S+N-1, deterministic actions (or, with
+--noise, Gaussian noise on them, seeded per track).
 
 Reads:  CKPT_DIR (default pretrained/)/vae.pt, world_model.pt and controller_<CONTROLLER>.pt (checked to belong together).
 Writes: a JSON summary (contract): env_id, episodes, seed, mean, std, min, max, returns (in seed
@@ -37,14 +38,16 @@ class Args:
     """fast: pixel-identical to stock CarRacing-v3 and ~2.5x faster; gymnasium: the stock env"""
     out: Path | None = None
     """JSON path (default CKPT_DIR/eval_<CONTROLLER>.json)"""
+    noise: float = 0.0
+    """std of Gaussian noise on the agent's actions, seeded per track (0: deterministic play, the reported scores)"""
 
 
 def main(args: Args) -> None:
-    if args.episodes < 1 or args.workers < 1 or args.max_steps < 1:
-        raise UserError("--episodes, --workers and --max-steps must be at least 1")
+    if args.episodes < 1 or args.workers < 1 or args.max_steps < 1 or args.noise < 0:
+        raise UserError("--episodes, --workers and --max-steps must be at least 1, --noise at least 0")
     args.ckpt_dir, args.controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
     result = evaluate_agent(args.ckpt_dir, args.controller, args.episodes, args.seed, args.workers, args.max_steps,
-                            args.env_backend)
+                            args.env_backend, noise=args.noise)
     out = args.out or args.ckpt_dir / f"eval_{args.controller}.json"
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"{args.controller}: {result['mean']:.1f} ± {result['std']:.1f} over {args.episodes} tracks "

@@ -45,7 +45,7 @@ class Args:
     data_dir: Path = Path("data")
     ckpt_dir: Path = Path("checkpoints")
     log_dir: Path = Path("runs")
-    rounds: int = 8
+    rounds: int = 10
     """rounds of collect -> world model -> controller (a resumed run goes on up to this many)"""
     random_episodes: int = 200
     """round 0: random episodes (track seeds 0 ..)"""

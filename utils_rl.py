@@ -321,17 +321,20 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
 
 
 def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: int = 1_000_000, workers: int = 2,
-                   max_steps: int = 1000, backend: str = "fast", progress: bool = True) -> dict:
-    """Play the agent deterministically on track seeds seed..seed+episodes-1; the evaluation contract's dict."""
+                   max_steps: int = 1000, backend: str = "fast", progress: bool = True, noise: float = 0.0) -> dict:
+    """Play the agent on track seeds seed..seed+episodes-1, deterministically (or with Gaussian `noise` on its
+    actions, seeded by the track: the same call gives the same returns); the evaluation contract's dict."""
     load_agent(Path(ckpt_dir), controller)  # one clear error before any worker starts
     start = time.perf_counter()
     summaries = play_episodes([(seed + i, None) for i in range(episodes)], max_steps, workers, backend, "agent",
-                              {"ckpt_dir": str(ckpt_dir), "controller": controller}, f"evaluate {controller}", progress)
+                              {"ckpt_dir": str(ckpt_dir), "controller": controller, "noise": noise},
+                              f"evaluate {controller}", progress)
     returns = [s["return"] for s in sorted(summaries, key=lambda s: s["seed"])]
     return {"env_id": ENV_ID, "episodes": episodes, "seed": seed, "mean": float(np.mean(returns)),
             "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
             "returns": returns, "controller": controller, "ckpt_dir": str(ckpt_dir), "env_backend": backend,
-            "max_steps": max_steps, "wall_seconds": round(time.perf_counter() - start, 1)}
+            "max_steps": max_steps, "noise": noise, "frames": int(sum(s["frames"] for s in summaries)),
+            "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
 def _update_bar(bar, counter, summaries: list[dict]) -> None:

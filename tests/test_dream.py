@@ -174,6 +174,10 @@ def test_evaluation_with_held_decisions_equals_the_frame_by_frame_agent(tmp_path
             total, done = total + reward, terminated or truncated
         assert total == pytest.approx(expected, abs=1e-4)
     env.close()
+    noisy = [evaluate_agent(ckpt, "cmaes", episodes=2, seed=11, workers=1, max_steps=60, progress=False,
+                            noise=0.3) for _ in range(2)]
+    assert noisy[0]["returns"] == noisy[1]["returns"] and noisy[0]["noise"] == 0.3, "noise is seeded per track"
+    assert result["frames"] == 2 * 60
 
 
 def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
