@@ -95,7 +95,7 @@ def main(args: Args) -> None:
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], args.popsize * args.rollouts, args.temperature,
                          args.max_steps, device)
     print(f"CMA-ES: {es.N} parameters, population {args.popsize} x {args.rollouts} dreams of up to {args.max_steps} "
-          f"steps at temperature {args.temperature} on {device}; logs in {log_dir}")
+          f"frames ({dream.max_steps} decisions of {dream.action_repeat}) at temperature {args.temperature} on {device}; logs in {log_dir}")
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir)
