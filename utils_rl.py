@@ -498,9 +498,7 @@ class _PreprocessedEnv(gym.ObservationWrapper):
         env = make_env(backend, max_steps)
         if no_progress_frames:
             env = NoProgressStop(env, no_progress_frames)
-        if action_repeat > 1:
-            env = ActionRepeat(env, action_repeat)
-        super().__init__(env)
+        super().__init__(hold_actions(env, action_repeat))
         self.observation_space = gym.spaces.Box(0, 255, (FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
 
     def observation(self, frame: np.ndarray) -> np.ndarray:
