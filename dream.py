@@ -201,6 +201,8 @@ class DreamFeatureEnvs:
 
     kind = "dream"
 
+    horizon = 0  # decisions before a dream is cut (0: only at its end)
+
     def __init__(self, dream: BatchedDream, seed: int = 0):
         self.dream, self.num_envs, self.obs_dim = dream, dream.num_envs, dream.obs_dim
         self.action_repeat = dream.action_repeat
@@ -211,15 +213,25 @@ class DreamFeatureEnvs:
         self.episodes += self.num_envs
         return seeds
 
+    def skip(self, restarts: int) -> None:
+        """Move the seed sequence past `restarts` batches of restarts (a resumed run draws new dreams)."""
+        self.episodes += restarts * self.num_envs
+
+    def _restart(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(Re)start the dreams where `mask` (all if None) on the next seeds; returns the observation."""
+        return self.dream.reset(self._seeds(), mask)
+
     def reset(self) -> torch.Tensor:
-        return self.dream.reset(self._seeds())
+        return self._restart()
 
     def step(self, actions: torch.Tensor):
         obs, reward, terminated, truncated = self.dream.step(actions)
+        if self.horizon:
+            truncated = truncated | ((self.dream.t >= self.horizon) & ~terminated)
         done = terminated | truncated
         final_obs = obs.clone()
         if done.any():
-            obs = self.dream.reset(self._seeds(), done)
+            obs = self._restart(done)
         return obs, reward, terminated, truncated, final_obs
 
     def close(self) -> None:
@@ -279,7 +291,7 @@ def load_replay(data_dir: Path, vae, vae_path: Path, action_repeat: int, device=
     return episodes
 
 
-class ImaginedFeatureEnvs:
+class ImaginedFeatureEnvs(DreamFeatureEnvs):
     """Imagination for PPO, with the RealFeatureEnvs interface: B dreams start from states of replayed real
     sequences (ReplayStarts), run `horizon` decisions, and are then truncated and restarted from new
     replayed states (same-step autoreset). The PPO loop bootstraps each truncation with its critic, so
@@ -290,37 +302,14 @@ class ImaginedFeatureEnvs:
     picks the replayed state and drives the dream's noise.
     """
 
-    kind = "dream"
-
     def __init__(self, dream: BatchedDream, starts: ReplayStarts, horizon: int, seed: int = 0):
         if horizon < 1:
             raise ValueError("the imagination horizon must be at least 1 decision")
-        self.dream, self.starts, self.horizon = dream, starts, horizon
-        self.num_envs, self.obs_dim, self.action_repeat = dream.num_envs, dream.obs_dim, dream.action_repeat
-        self.seed, self.episodes = seed, 0
-
-    def skip(self, stretches: int) -> None:
-        """Move the seed sequence past `stretches` batches of restarts (a resumed run draws new ones)."""
-        self.episodes += stretches * self.num_envs
+        super().__init__(dream, seed)
+        self.starts, self.horizon = starts, horizon
 
     def _restart(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        seeds = run_seeds(self.seed, self.episodes, self.num_envs, self.dream.device)
-        self.episodes += self.num_envs
+        seeds = self._seeds()
         pick = counter_uniform(seeds, torch.full_like(seeds, -2), 1)[:, 0]  # step -2: the replay pick
         z, state = self.starts.sample(pick)
         return self.dream.reset(seeds, mask, z=z.to(self.dream.device), state=state.to(self.dream.device))
-
-    def reset(self) -> torch.Tensor:
-        return self._restart()
-
-    def step(self, actions: torch.Tensor):
-        obs, reward, terminated, truncated = self.dream.step(actions)
-        truncated = truncated | ((self.dream.t >= self.horizon) & ~terminated)
-        done = terminated | truncated
-        final_obs = obs.clone()
-        if done.any():
-            obs = self._restart(done)
-        return obs, reward, terminated, truncated, final_obs
-
-    def close(self) -> None:
-        pass

@@ -33,7 +33,8 @@ import numpy as np
 import train_ppo_in_dream
 import train_vae
 import train_world_model
-from utils import UserError, atomic_write, episode_dir, episode_path, is_complete_npz, list_episodes, run_main
+from utils import (UserError, atomic_write, episode_dir, episode_path, is_complete_npz, list_episodes, load_episode,
+                   run_main)
 from utils_rl import collect_episodes
 
 LOOP_FILE, CURVE_FILE = "dream_loop.json", "dream_loop.png"
@@ -117,11 +118,8 @@ def collect_round(args: Args, round_index: int) -> list[float]:
 
 def data_frames(data_dir: Path) -> int:
     """Real env frames in the episode files (decisions x their action repeat)."""
-    frames = 0
-    for path in list_episodes(data_dir):
-        with np.load(path, allow_pickle=False) as npz:
-            frames += len(npz["reward"]) * int(npz["action_repeat"]) if "action_repeat" in npz else len(npz["reward"])
-    return frames
+    episodes = (load_episode(path, ("reward", "action_repeat")) for path in list_episodes(data_dir))
+    return sum(len(ep["reward"]) * int(ep["action_repeat"]) for ep in episodes if ep is not None)
 
 
 RECIPE = ("data_dir", "action_repeat", "arch", "random_episodes", "episodes_per_round", "seed")  # fixed per run

@@ -733,8 +733,8 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_star
     bar = tqdm(total=updates * frames_per_update, initial=start_update * frames_per_update, unit="step", desc=name,
                dynamic_ncols=True)
     try:
-        total_updates = checkpoint.get("total_updates", checkpoint["update"]) if checkpoint else 0
-        total_updates -= checkpoint["update"] if checkpoint and not checkpoint.get("warm_start") else 0
+        # updates before this run's first: in earlier world models (a warm start) and in this one (a resume)
+        total_updates = checkpoint.get("total_updates", checkpoint["update"]) - start_update if checkpoint else 0
         for update in range(start_update, updates):
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - update / updates)
