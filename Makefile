@@ -11,7 +11,7 @@ LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= mdn
 
-.PHONY: venv test train iterate dream smoke bench
+.PHONY: venv test lint train iterate dream smoke bench
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: requirements.txt
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# ruff (pyflakes, pycodestyle, import order; settings in pyproject.toml) over every Python file
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # The default pipeline, resumable: re-running continues where a killed run stopped. Each stage's
 # wall-clock is added to CKPT_DIR/stage_times.tsv (summed over re-runs); the last step prints the table.
@@ -71,22 +75,9 @@ dream: venv
 		--env-backend $(BACKEND)
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller ppo_dream --episodes $(EVAL_EPISODES)
 
-# The whole pipeline with tiny settings, writing RUN_DIR/{data,checkpoints,runs}.
+# The whole pipeline with the tiny preset (smoke.py's TINY, which the tests share), writing RUN_DIR/{data,checkpoints,runs}.
 smoke: venv
-	$(PY) collect_data.py --data-dir $(RUN_DIR)/data --episodes 3 --max-steps 100 --workers 2
-	$(PY) train_vae.py --data-dir $(RUN_DIR)/data --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
-		--epochs 1 --batch-size 32 --val-frames 64
-	$(PY) train_world_model.py --data-dir $(RUN_DIR)/data --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
-		--epochs 1 --batch-size 2 --hidden-dim 32
-	$(PY) train_cmaes_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
-		--generations 2 --popsize 4 --rollouts 2 --max-steps 50 --eval-every 0
-	$(PY) train_ppo.py --ckpt-dir $(RUN_DIR)/checkpoints --log-dir $(RUN_DIR)/runs \
-		--total-steps 1024 --num-envs 4 --rollout-steps 64 --max-steps 100 --hidden-dim 32 --eval-every 0
-	$(PY) train_ppo_in_dream.py --ckpt-dir $(RUN_DIR)/checkpoints --data-dir $(RUN_DIR)/data --log-dir $(RUN_DIR)/runs \
-		--total-steps 4096 --num-envs 16 --rollout-steps 16 --horizon 16 --max-steps 50 --hidden-dim 32 --eval-every 0
-	for controller in cmaes ppo ppo_dream; do \
-		$(PY) evaluate.py --ckpt-dir $(RUN_DIR)/checkpoints --controller $$controller --episodes 2 --max-steps 100 || exit 1; \
-	done
+	$(PY) smoke.py --run-dir $(RUN_DIR)
 
 bench: venv
 	$(PY) benchmarks/bench.py

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,9 @@ class ControllerConfig:
     """actor_critic: beta or tanh_normal, the actor's distribution over the bounded action"""
     action_repeat: int = 1
     """frames each decision is held for (the features, h included, are updated once per decision)"""
+
+
+ACTION_LOW, ACTION_HIGH = np.array([-1.0, 0.0, 0.0], np.float32), np.ones(3, np.float32)  # CarRacing's action box
 
 
 def to_env_action(unit: torch.Tensor) -> torch.Tensor:

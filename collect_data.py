@@ -2,7 +2,7 @@
 
 Reads:  nothing (the `random` policy), or CKPT_DIR's agent (vae.pt, world_model.pt and
         controller_<CONTROLLER>.pt) for `--policy agent`.
-Writes: DATA_DIR/rollouts/<policy>/ep_<track seed>.npz (the episode contract in DESIGN.md): one step per
+Writes: DATA_DIR/rollouts/<policy>/ep_<track seed>.npz (the episode contract of episodes.py): one step per
         decision, each decision's action held for ACTION_REPEAT frames (the random policy; an agent
         uses its own world model's rate), the file's `action_repeat` saying how many.
 
@@ -19,8 +19,10 @@ from typing import Literal
 
 import numpy as np
 
-from utils import ControllerName, UserError, list_episodes, run_main
-from utils_rl import collect_episodes
+from agent import ControllerName
+from episodes import list_episodes
+from rollouts import collect_episodes
+from utils import UserError, run_main
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Args:
     action_repeat: int = 4
     """frames each random decision is held for (the world model's clock); --policy agent uses the agent's"""
     env_backend: str = "fast"
-    """fast (pixel-exact CarRacing-v3, ~2.5x stock), gymnasium (stock) or envpool (approximate clone)"""
+    """fast (pixel-exact CarRacing-v3, faster), gymnasium (stock) or envpool (approximate clone)"""
 
 
 def main(args: Args) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,6 +57,16 @@ class ConvVAE(nn.Module):
     def to_input(frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1]."""
         return frames.permute(0, 3, 1, 2).float().div_(255.0)
+
+    @staticmethod
+    def to_image(x: torch.Tensor) -> np.ndarray:
+        """The inverse of to_input: float (B, 3, 64, 64) in [0, 1] -> uint8 frames (B, 64, 64, 3) as numpy."""
+        return (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+    @torch.no_grad()
+    def decode_frames(self, z: torch.Tensor) -> np.ndarray:
+        """z (B, latent_dim) -> the decoded uint8 frames (B, 64, 64, 3), for pictures and videos."""
+        return self.to_image(self.decode(z))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, 3, 64, 64) in [0, 1] -> mu, logvar: (B, latent_dim) each."""

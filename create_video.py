@@ -15,7 +15,6 @@ Modes (each writes exactly STEPS frames; an episode that ends early is followed 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import (ControllerName, UserError, agent_dir_and_controller, frames_grid, load_agent,
-                   load_vae_and_world_model, preprocess_frame, run_main)
+from agent import ControllerName, agent_dir_and_controller, load_agent, load_vae_and_world_model
 from dream import BatchedDream
-from utils_rl import make_env
+from envs import make_env
+from rollouts import drive
+from utils import UserError, atomic_path, frames_grid, run_main
 
 
 @dataclass
@@ -38,18 +38,23 @@ class Args:
     controller: ControllerName | None = None
     """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
     mode: Literal["play", "dream", "grid"] = "play"
+    """play: the agent in the real env; dream: the agent in its dream; grid: real | reconstruction | dream"""
     steps: int = 500
     """frames in the video (in dream mode one frame is one decision, the world model's step)"""
     out: Path = Path("videos/agent.mp4")
     """.mp4 or .gif"""
     fps: int = 30
+    """frames per second of the video"""
     seed: int = 1_000_000
     """track seed (the next tracks follow if an episode ends), and the dream's seed"""
     scale: float = 1.0
     """resize every frame by this factor (e.g. 0.5 for a small GIF)"""
     temperature: float = 1.0
     """dream sampling temperature (dream and grid modes)"""
+    max_steps: int = 1000
+    """frames per real episode (play and grid modes)"""
     env_backend: str = "fast"
+    """fast (pixel-exact CarRacing-v3) or gymnasium (stock)"""
 
 
 def overlay(image: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -66,23 +71,14 @@ def overlay(image: np.ndarray, lines: list[str]) -> np.ndarray:
     return image
 
 
-def decode(vae, z: torch.Tensor) -> np.ndarray:
-    """z (B, latent) -> frames (B, 64, 64, 3) uint8."""
-    with torch.no_grad():
-        return (vae.decode(z).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
-
-
 def play_frames(args: Args, agent) -> Iterator[np.ndarray]:
-    env = make_env(args.env_backend, render_mode="rgb_array")
+    env = make_env(args.env_backend, args.max_steps, render_mode="rgb_array")
     try:
-        track, step = args.seed, 0
+        track = args.seed
         while True:
-            frame, _ = env.reset(seed=track)
-            agent.reset(track)
-            score, done, episode_step = 0.0, False, 0
-            while not done:
-                frame, reward, terminated, truncated, _ = env.step(agent(preprocess_frame(frame)))
-                score, step, episode_step, done = score + reward, step + 1, episode_step + 1, terminated or truncated
+            score = 0.0
+            for episode_step, step in enumerate(drive(env, agent, track, args.max_steps), 1):
+                score += step.reward
                 yield overlay(env.render(), [f"track {track}  step {episode_step}", f"score {score:.1f}"])
             track += 1
     finally:
@@ -100,7 +96,7 @@ def dream_frames(args: Args, agent, vae, world_model, bank) -> Iterator[np.ndarr
                 obs, reward, terminated, truncated = dream.step(agent.controller(obs))
             total += float(reward[0])
             done = bool(terminated[0] or truncated[0])
-            image = cv2.resize(decode(vae, dream.z)[0], (384, 384), interpolation=cv2.INTER_NEAREST)
+            image = cv2.resize(vae.decode_frames(dream.z)[0], (384, 384), interpolation=cv2.INTER_NEAREST)
             yield overlay(image, [f"dream {episode + 1}  step {int(dream.t[0])}  T={args.temperature:g}",
                                   f"reward {float(reward[0]):+.2f}  sum {total:.1f}"])
         episode += 1
@@ -110,26 +106,19 @@ def grid_frames(args: Args, agent, vae, world_model, bank) -> Iterator[np.ndarra
     """Real | reconstruction | open-loop dream. The dream starts from the first real frame's z and then
     only ever sees its own samples and the real actions, one world-model step per decision (the agent's
     action repeat): the dream column changes on decision frames and shows what it expects there."""
-    env = make_env(args.env_backend)
+    env = make_env(args.env_backend, args.max_steps)
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 1, args.temperature, max_steps=10**9)
     try:
         track = args.seed
         while True:
-            frame, _ = env.reset(seed=track)
-            agent.reset(track)
-            done, t = False, 0
-            while not done:
-                small = preprocess_frame(frame)
-                action = agent(small)  # encodes the frame: its z is agent.features.z
+            for t, step in enumerate(drive(env, agent, track, args.max_steps)):
+                # the agent encoded its last decision frame: agent.features.z
                 if t == 0:
                     dream.reset([track], z=agent.features.z)
-                decides = t % agent.action_repeat == 0
-                row = np.stack([small, decode(vae, agent.features.z)[0], decode(vae, dream.z)[0]])
+                row = np.stack([step.frame, vae.decode_frames(agent.features.z)[0], vae.decode_frames(dream.z)[0]])
                 yield overlay(frames_grid([row], scale=4), [f"real | reconstruction | dream   step {t}"])
-                if decides:
-                    dream.step(torch.from_numpy(action)[None])
-                frame, _, terminated, truncated, _ = env.step(action)
-                done, t = terminated or truncated, t + 1
+                if t % agent.action_repeat == 0:  # a decision frame: the dream steps once per decision
+                    dream.step(torch.from_numpy(step.action)[None])
             track += 1
     finally:
         env.close()
@@ -139,35 +128,29 @@ def write_video(path: Path, frames: Iterator[np.ndarray], steps: int, fps: int, 
     """Write `steps` frames to path (.gif or .mp4) through a temporary file; returns the frame (height, width)."""
     import imageio.v2 as imageio
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     gif = path.suffix.lower() == ".gif"
-    writer = (imageio.get_writer(temp, mode="I", duration=1000 / fps, loop=0) if gif else
-              imageio.get_writer(temp, fps=fps, codec="libx264", quality=7, macro_block_size=1,
-                                 pixelformat="yuv420p"))
     size = None
-    try:
-        for frame in tqdm(frames, total=steps, desc=f"video {path.name}", unit="frame", dynamic_ncols=True):
-            if scale != 1.0:
-                frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            if not gif:  # yuv420p needs even sides
-                frame = frame[:frame.shape[0] // 2 * 2, :frame.shape[1] // 2 * 2]
-            size = frame.shape[:2]
-            writer.append_data(frame)
-            steps -= 1
-            if steps == 0:
-                break
-        writer.close()
-        os.replace(temp, path)
-    finally:
-        writer.close()
-        temp.unlink(missing_ok=True)
+    with atomic_path(path) as temp:
+        writer = (imageio.get_writer(temp, mode="I", duration=1000 / fps, loop=0) if gif else
+                  imageio.get_writer(temp, fps=fps, codec="libx264", quality=7, macro_block_size=1,
+                                     pixelformat="yuv420p"))
+        with writer:
+            for frame in tqdm(frames, total=steps, desc=f"video {path.name}", unit="frame", dynamic_ncols=True):
+                if scale != 1.0:
+                    frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+                if not gif:  # yuv420p needs even sides
+                    frame = frame[:frame.shape[0] // 2 * 2, :frame.shape[1] // 2 * 2]
+                size = frame.shape[:2]
+                writer.append_data(frame)
+                steps -= 1
+                if steps == 0:
+                    break
     return size
 
 
 def main(args: Args) -> None:
-    if args.steps < 1 or args.fps < 1 or args.scale <= 0:
-        raise UserError("--steps and --fps must be at least 1, --scale positive")
+    if min(args.steps, args.fps, args.max_steps) < 1 or args.scale <= 0:
+        raise UserError("--steps, --fps and --max-steps must be at least 1, --scale positive")
     if args.out.suffix.lower() not in (".mp4", ".gif"):
         raise UserError(f"--out {args.out}: the video must end in .mp4 or .gif")
     ckpt_dir, controller = agent_dir_and_controller(args.ckpt_dir, args.controller)

@@ -22,9 +22,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from utils import (UserError, encode_episodes, file_sha256, list_episodes, load_latent_episode,
-                   load_vae_and_world_model)
-from utils_rl import ACTION_HIGH, ACTION_LOW
+from actor_critic import ACTION_HIGH, ACTION_LOW
+from agent import load_vae_and_world_model
+from episodes import encode_episodes, list_episodes, load_latent_episode
+from utils import UserError, file_sha256
 
 _MASK32 = 0xFFFFFFFF
 
@@ -94,7 +95,7 @@ class BatchedDream:
         self.action_repeat = world_model.config.action_repeat
         self.max_steps = math.ceil(max_steps / self.action_repeat)  # decisions
         self.latent_dim = world_model.config.latent_dim
-        self.obs_dim = self.latent_dim + world_model.config.hidden_dim
+        self.obs_dim = world_model.controller_input_dim
         self.seeds = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self.t = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self.z = torch.zeros(num_envs, self.latent_dim, device=self.device)
@@ -104,7 +105,7 @@ class BatchedDream:
         self.action_high = torch.from_numpy(ACTION_HIGH).to(self.device)
 
     def observation(self):
-        return torch.cat([self.z, self.model.features(self.state)], -1)
+        return self.model.controller_input(self.z, self.state)
 
     def reset(self, seeds, mask=None, z=None, state=None):
         """(Re)start the envs where `mask` (all if None) with the given seeds (B,); returns the observation.
@@ -187,9 +188,7 @@ class DreamEnv(gym.Env):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        with torch.no_grad():
-            frame = self.vae.decode(self.dream.z)[0].permute(1, 2, 0).clamp(0, 1)
-        return (frame * 255).round().byte().cpu().numpy()
+        return self.vae.decode_frames(self.dream.z)[0]
 
 
 gym.register("DreamCarRacing-v0", entry_point=DreamEnv)

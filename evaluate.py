@@ -1,7 +1,8 @@
 """Evaluate an agent on CarRacing-v3: N episodes on track seeds S..S+N-1, deterministic actions (or, with
 --noise, Gaussian noise on them, seeded per track).
 
-Reads:  CKPT_DIR (default pretrained/)/vae.pt, world_model.pt and controller_<CONTROLLER>.pt (checked to belong together).
+Reads:  CKPT_DIR (default pretrained/)/vae.pt, world_model.pt and controller_<CONTROLLER>.pt (checked to belong
+        together).
 Writes: a JSON summary (contract): env_id, episodes, seed, mean, std, min, max, returns (in seed
         order), plus the controller, checkpoint dir, backend and wall-clock; to --out, or to
         CKPT_DIR/eval_<CONTROLLER>.json by default.
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils import ControllerName, UserError, agent_dir_and_controller, atomic_write, run_main
-from utils_rl import evaluate_agent
+from agent import ControllerName, agent_dir_and_controller
+from rollouts import evaluate_agent
+from utils import UserError, atomic_write, run_main
 
 
 @dataclass
@@ -29,13 +31,15 @@ class Args:
     controller: ControllerName | None = None
     """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
     episodes: int = 100
+    """tracks played, seeds SEED .. SEED + EPISODES - 1"""
     seed: int = 1_000_000
     """first track seed; episode i plays track SEED + i"""
     workers: int = 2
     """parallel worker processes"""
     max_steps: int = 1000
+    """episode length in frames"""
     env_backend: Literal["fast", "gymnasium"] = "fast"
-    """fast: pixel-identical to stock CarRacing-v3 and ~2.5x faster; gymnasium: the stock env"""
+    """fast: pixel-identical to stock CarRacing-v3 and faster; gymnasium: the stock env"""
     out: Path | None = None
     """JSON path (default CKPT_DIR/eval_<CONTROLLER>.json)"""
     noise: float = 0.0

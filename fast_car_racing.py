@@ -65,7 +65,7 @@ class FastCarRacing(CarRacing):
         self._grass_vertices = np.array(grass, dtype=np.float64)  # (400, 4, 2)
         self._score_font = None
         self._score_texts: dict[str, object] = {}
-        self.draw_state = True  # False: step() skips drawing its observation (see utils_rl.ActionRepeat)
+        self.draw_state = True  # False: step() skips drawing its observation (see envs.ActionRepeat)
 
     def _cache_road(self) -> bool:
         """(Re)build the road arrays when the track changed; False if some polygon is not a quad."""

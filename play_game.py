@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import (ControllerName, UserError, agent_dir_and_controller, episode_path, load_agent, preprocess_frame,
-                   run_main, save_episode)
-from utils_rl import make_env
+from agent import ControllerName, agent_dir_and_controller, load_agent
+from envs import make_env
+from episodes import episode_path, save_episode
+from rollouts import drive, episode_from_steps
+from utils import UserError, run_main
 
 
 @dataclass
@@ -31,15 +33,19 @@ class Args:
     controller: ControllerName | None = None
     """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
     episodes: int = 3
+    """tracks to play"""
     seed: int = 1_000_000
     """first track seed; episode i plays track SEED + i"""
     max_steps: int = 1000
+    """episode length in frames"""
     human: bool = False
     """drive yourself with the arrow keys; episodes are recorded to DATA_DIR/rollouts/human/"""
     data_dir: Path = Path("data")
+    """with --human, episodes go to DATA_DIR/rollouts/human/"""
     fps: int = 50
     """frames per second of the window (CarRacing's own rate is 50)"""
     env_backend: str = "fast"
+    """fast (pixel-exact CarRacing-v3) or gymnasium (stock)"""
 
 
 def check_display() -> None:
@@ -58,13 +64,28 @@ def human_action(pressed) -> np.ndarray:
     return np.array([steer, 1.0 if pressed[pygame.K_UP] else 0.0, 0.8 if pressed[pygame.K_DOWN] else 0.0], np.float32)
 
 
+class KeyboardPolicy:
+    """You, through the arrow keys held down at each frame (the policy interface of rollouts.drive)."""
+
+    action_repeat = 1
+
+    def reset(self, seed: int) -> None:
+        pass  # nothing random to seed: the keys decide
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        import pygame
+
+        return human_action(pygame.key.get_pressed())
+
+
 def main(args: Args) -> None:
     if min(args.episodes, args.max_steps, args.fps) < 1:
         raise UserError("--episodes, --max-steps and --fps must be at least 1")
-    agent = None
-    if not args.human:
+    if args.human:
+        policy = KeyboardPolicy()
+    else:
         ckpt_dir, controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
-        agent = load_agent(ckpt_dir, controller)
+        policy = load_agent(ckpt_dir, controller)
         print(f"agent: {ckpt_dir} with controller {controller}")
     check_display()
     import pygame
@@ -79,14 +100,12 @@ def main(args: Args) -> None:
     try:
         while episode < args.episodes and not quit_requested:
             track_seed = args.seed + episode
-            frame, _ = env.reset(seed=track_seed)
-            if agent is not None:
-                agent.reset(track_seed)
-            record = {"obs": [], "action": [], "reward": [], "terminated": [], "truncated": []}
-            score, step, paused, restart, next_track = 0.0, 0, False, False, False
-            while step < args.max_steps:
+            steps = drive(env, policy, track_seed, args.max_steps)
+            record, score, paused, restart, next_track = [], 0.0, False, False, False
+            while True:
                 for event in pygame.event.get():
-                    if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN and event.key in (pygame.K_q, pygame.K_ESCAPE)):
+                    quit_key = event.type == pygame.KEYDOWN and event.key in (pygame.K_q, pygame.K_ESCAPE)
+                    if event.type == pygame.QUIT or quit_key:
                         quit_requested = True
                     elif event.type == pygame.KEYDOWN and event.key == pygame.K_SPACE:
                         paused = not paused
@@ -97,27 +116,27 @@ def main(args: Args) -> None:
                 if quit_requested or restart or next_track:
                     break
                 if not paused:
-                    small = preprocess_frame(frame)
-                    action = human_action(pygame.key.get_pressed()) if args.human else agent(small)
-                    frame, reward, terminated, truncated, _ = env.step(action)
-                    step, score = step + 1, score + reward
-                    truncated = truncated or (step == args.max_steps and not terminated)
-                    for key, value in zip(record, (small, action, reward, terminated, truncated)):
-                        record[key].append(value)
-                    if terminated or truncated:
+                    step = next(steps)
+                    record.append(step)
+                    score += step.reward
+                    if step.terminated or step.truncated:
                         break
-                screen.blit(pygame.surfarray.make_surface(env.render().swapaxes(0, 1)), (0, 0))
-                status = f"episode {episode + 1}/{args.episodes}  track {track_seed}  step {step}  score {score:.1f}"
-                screen.blit(font.render(status + ("  [paused]" if paused else ""), True, (255, 255, 255)), (10, 8))
-                pygame.display.flip()
+                if record:  # (paused before the first step, the track is not made yet)
+                    screen.blit(pygame.surfarray.make_surface(env.render().swapaxes(0, 1)), (0, 0))
+                    status = (f"episode {episode + 1}/{args.episodes}  track {track_seed}  step {len(record)}  "
+                              f"score {score:.1f}")
+                    screen.blit(font.render(status + ("  [paused]" if paused else ""), True, (255, 255, 255)),
+                                (10, 8))
+                    pygame.display.flip()
                 clock.tick(args.fps)
+            steps.close()
             if restart:
                 continue  # the same track again
-            if args.human and record["reward"] and (record["truncated"][-1] or record["terminated"][-1]):
+            if args.human and record and (record[-1].truncated or record[-1].terminated):
                 path = episode_path(args.data_dir, "human", track_seed)
-                save_episode(path, {key: np.array(values) for key, values in record.items()} | {"seed": track_seed})
-                print(f"recorded {len(record['reward'])} steps to {path}")
-            print(f"episode {episode + 1}: track {track_seed}, {step} steps, score {score:.1f}")
+                save_episode(path, episode_from_steps(record, track_seed, action_repeat=1))
+                print(f"recorded {len(record)} steps to {path}")
+            print(f"episode {episode + 1}: track {track_seed}, {len(record)} steps, score {score:.1f}")
             episode += 1
     finally:
         env.close()

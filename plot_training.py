@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, run_main
+from utils import UserError, atomic_write, run_main
 
 RETURN_TAGS = ("cmaes/fitness_best", "cmaes/fitness_mean", "real/mean_return", "real/episode_return",
                "dream/episode_return", "eval/real_return", "eval/dream_return")
@@ -29,6 +29,7 @@ X_LABELS = {"train": "step", "val": "epoch", "perf": "step", "cmaes": "generatio
 @dataclass
 class Args:
     log_dir: Path = Path("runs")
+    """the TensorBoard runs to plot (LOG_DIR/<stage>-<time>/)"""
     runs: list[str] = field(default_factory=list)
     """run dirs or stage prefixes to plot (default: every run under LOG_DIR)"""
     out_dir: Path | None = None
@@ -86,8 +87,7 @@ def plot_run(run_dir: Path, out: Path, smooth: int) -> int:
         axis.axis("off")
     figure.suptitle(run_dir.name)
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=90)
+    atomic_write(out, lambda f: figure.savefig(f, format="png", dpi=90))
     plt.close(figure)
     return len(panels)
 
@@ -104,7 +104,8 @@ def main(args: Args) -> None:
     out_dir = args.out_dir or args.log_dir / "plots"
     for run in runs:
         panels = plot_run(run, out_dir / f"{run.name}.png", args.smooth)
-        print(f"{run.name}: {panels} panels -> {out_dir / (run.name + '.png')}" if panels else f"{run.name}: no scalars")
+        print(f"{run.name}: {panels} panels -> {out_dir / (run.name + '.png')}" if panels
+              else f"{run.name}: no scalars")
 
 
 if __name__ == "__main__":

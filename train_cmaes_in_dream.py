@@ -15,21 +15,31 @@ is only looked at, never learned from.
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cma
+import cma.utilities.utils as cma_utils
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from actor_critic import ControllerConfig, LinearController, population_actions
-from utils import (UserError, checkpoint_identity, controller_path, load_vae_and_world_model, plain,
-                   resume_controller_checkpoint, run_main, save_checkpoint, setup_stage)
+from agent import controller_path, load_vae_and_world_model
 from dream import BatchedDream, dream_return, run_seeds
-from utils_rl import ControllerStageArgs, evaluate_agent
+from rollouts import evaluate_agent
+from utils import (
+    UserError,
+    checkpoint_identity,
+    plain,
+    resume_controller_checkpoint,
+    run_main,
+    save_stage,
+    setup_stage,
+    stage_checkpoint,
+)
+from utils_rl import ControllerStageArgs
 
 
 @dataclass
@@ -37,6 +47,7 @@ class Args(ControllerStageArgs):
     generations: int = 100
     """total generations (a resumed run evolves up to this many)"""
     popsize: int = 64
+    """candidates per generation"""
     rollouts: int = 16
     """dream episodes per candidate"""
     temperature: float = 1.0
@@ -58,6 +69,62 @@ def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, s
     return dream_return(dream, act, seeds).view(popsize, rollouts).mean(1)
 
 
+def es_state(es: cma.CMAEvolutionStrategy) -> dict:
+    """The evolution state as plain numbers and tensors, keyed by attribute path ("sm.C", "adapt_sigma.ps", ...):
+    every number and numeric array in the ES's object graph, plus numpy's global generator that cma samples
+    from. Stored in the checkpoint instead of a pickle (loading a pickle executes code from the file)."""
+    state, seen = {}, set()
+
+    def walk(obj, prefix: str) -> None:
+        seen.add(id(obj))
+        for name, value in vars(obj).items():
+            path = prefix + name
+            if name in ("timer", "logger"):  # wall-clock bookkeeping and file logging: rebuilt, not restored
+                continue
+            if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+                state[path] = torch.from_numpy(value.copy())
+            elif isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
+                state[path] = value.item() if isinstance(value, np.generic) else value
+            elif type(value) is list and all(isinstance(item, (int, float)) for item in value):
+                state[path] = list(value)
+            elif (type(value).__module__.startswith("cma") and hasattr(value, "__dict__")
+                  and not isinstance(value, dict) and id(value) not in seen):
+                walk(value, path + ".")
+
+    walk(es, "")
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"attributes": state, "numpy_random": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                                                  "position": position, "has_gauss": has_gauss, "cached": cached}}
+
+
+def restore_es(es: cma.CMAEvolutionStrategy, state: dict) -> cma.CMAEvolutionStrategy:
+    """Put `es_state(...)` back into a fresh ES made with the same settings: it then asks what the saved
+    one would have asked (tested against an uninterrupted run)."""
+    for path, value in state["attributes"].items():
+        *parents, name = path.split(".")
+        owner = es
+        for parent in parents:
+            owner = getattr(owner, parent, None)
+        if owner is None:
+            continue
+        old = getattr(owner, name, None)
+        if isinstance(value, torch.Tensor):
+            value = value.numpy().copy()
+        elif isinstance(old, np.generic):
+            value = type(old)(value)
+        setattr(owner, name, value)
+    es.timer = cma_utils.ElapsedWCTime()  # ask() makes it on the first generation only
+    rng = state["numpy_random"]
+    np.random.set_state((rng["kind"], rng["keys"].numpy().astype(np.uint32), rng["position"], rng["has_gauss"],
+                         rng["cached"]))
+    return es
+
+
+def new_es(num_params: int, args: Args) -> cma.CMAEvolutionStrategy:
+    return cma.CMAEvolutionStrategy(np.zeros(num_params), args.sigma0,
+                                    {"popsize": args.popsize, "seed": args.seed + 1, "verbose": -9})
+
+
 def generation_seeds(run_seed: int, generation: int, popsize: int, rollouts: int) -> torch.Tensor:
     """The dream seeds of a generation, (popsize * rollouts,): rollout r of every candidate dreams on the same
     seed (common random numbers), and every generation and every --seed on new ones."""
@@ -71,31 +138,40 @@ def main(args: Args) -> None:
     _, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
                   "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
-    config = ControllerConfig(kind="linear", obs_dim=world_model.config.latent_dim + world_model.config.hidden_dim,
+    config = ControllerConfig(kind="linear", obs_dim=world_model.controller_input_dim,
                               action_repeat=world_model.config.action_repeat)
     controller = LinearController(config)
     latest_path, out_path = args.ckpt_dir / "cmaes_latest.pt", controller_path(args.ckpt_dir, "cmaes")
 
     es, start_gen, best_fitness = None, 0, -math.inf
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
-    checkpoint = resume_controller_checkpoint(latest_path, args.fresh, identities["world_model"]["sha256"], config,
-                                              "train_cmaes_in_dream.py")
+    checkpoint = resume_controller_checkpoint(latest_path, out_path, args.fresh, identities["world_model"]["sha256"],
+                                              config, "train_cmaes_in_dream.py")
     if checkpoint:
-        es = pickle.loads(checkpoint["es"])  # our own evolution state, written by this script
-        start_gen, best_fitness, log_dir = checkpoint["generation"], checkpoint["best_fitness"], Path(checkpoint["log_dir"])
+        saved = checkpoint["args"]
+        changed = [name for name in ("popsize", "sigma0", "seed") if saved.get(name) != getattr(args, name)]
+        if changed:
+            raise UserError(f"{latest_path} was evolved with other {', '.join(changed)} "
+                            f"({', '.join(f'{name}={saved.get(name)}' for name in changed)}): use the same or --fresh")
+        if "es_state" not in checkpoint:
+            raise UserError(f"{latest_path} holds its evolution state in a form this version no longer reads "
+                            "(a pickle): re-run with --fresh")
+        es = restore_es(new_es(LinearController.num_params(config.obs_dim), args), checkpoint["es_state"])
+        start_gen, best_fitness = checkpoint["generation"], checkpoint["best_fitness"]
+        log_dir = Path(checkpoint["log_dir"])
         print(f"resuming from {latest_path}: generation {start_gen}, best dream fitness {best_fitness:.1f}")
     if start_gen >= args.generations:
         print(f"{latest_path} has already evolved {start_gen} generations; nothing to do")
         return
     if es is None:
-        es = cma.CMAEvolutionStrategy(np.zeros(LinearController.num_params(config.obs_dim)), args.sigma0,
-                                      {"popsize": args.popsize, "seed": args.seed + 1, "verbose": -9})
+        es = new_es(LinearController.num_params(config.obs_dim), args)
 
     bank = wm_checkpoint["start_bank"]
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], args.popsize * args.rollouts, args.temperature,
                          args.max_steps, device)
     print(f"CMA-ES: {es.N} parameters, population {args.popsize} x {args.rollouts} dreams of up to {args.max_steps} "
-          f"frames ({dream.max_steps} decisions of {dream.action_repeat}) at temperature {args.temperature} on {device}; logs in {log_dir}")
+          f"frames ({dream.max_steps} decisions of {dream.action_repeat}) at temperature {args.temperature} "
+          f"on {device}; logs in {log_dir}")
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir)
@@ -120,11 +196,9 @@ def main(args: Args) -> None:
             writer.add_scalar(f"cmaes/{name}", value, generation + 1)
 
         controller.set_flat(torch.as_tensor(es.mean, dtype=torch.float32))
-        checkpoint = {"config": plain(config), "state_dict": controller.state_dict(), "args": plain(args),
-                      "generation": generation + 1, "metrics": metrics, "best_fitness": best_fitness,
-                      "log_dir": str(log_dir), **identities}
-        save_checkpoint(out_path, checkpoint)
-        save_checkpoint(latest_path, {**checkpoint, "es": es.pickle_dumps()})
+        checkpoint = stage_checkpoint(config, controller, args, log_dir, generation=generation + 1, metrics=metrics,
+                                      best_fitness=best_fitness, **identities)
+        save_stage(out_path, latest_path, checkpoint, {"es_state": es_state(es)})
         if args.eval_every and (generation + 1) % args.eval_every == 0:
             real = evaluate_agent(args.ckpt_dir, "cmaes", args.eval_episodes, args.eval_seed, args.workers,
                                   progress=False)

@@ -33,9 +33,9 @@ import numpy as np
 import train_ppo_in_dream
 import train_vae
 import train_world_model
-from utils import (UserError, atomic_write, episode_dir, episode_path, is_complete_npz, list_episodes, load_episode,
-                   run_main)
-from utils_rl import collect_episodes
+from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, load_episode
+from rollouts import collect_episodes
+from utils import UserError, atomic_write, run_main
 
 LOOP_FILE, CURVE_FILE = "dream_loop.json", "dream_loop.png"
 ROUND_SEED = 10_000_000  # round r drives tracks ROUND_SEED + 100_000 r + i: apart from every other seed range
@@ -44,8 +44,11 @@ ROUND_SEED = 10_000_000  # round r drives tracks ROUND_SEED + 100_000 r + i: apa
 @dataclass
 class Args:
     data_dir: Path = Path("data")
+    """episodes of every round go to DATA_DIR/rollouts/"""
     ckpt_dir: Path = Path("checkpoints")
+    """the run's checkpoints and its record, dream_loop.json"""
     log_dir: Path = Path("runs")
+    """TensorBoard logs of every stage"""
     rounds: int = 10
     """rounds of collect -> world model -> controller (a resumed run goes on up to this many)"""
     random_episodes: int = 200
@@ -84,7 +87,9 @@ class Args:
     max_steps: int = 1000
     """episode length in frames (collection, checks and whole dreams)"""
     workers: int = 2
+    """worker processes for collection and checks"""
     seed: int = 0
+    """seed of every stage, and of the rounds' tracks"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3) or gymnasium for collection and checks"""
 
@@ -198,17 +203,20 @@ def main(args: Args) -> None:
             max_steps=args.max_steps)
         metrics = train_ppo_in_dream.main(ppo_args)
         wall += time.perf_counter() - round_start
-        record = {"round": round_index, "real_frames": data_frames(args.data_dir) + args.max_steps * args.check_episodes *
-                  (round_index + 1), "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
-                  "dream_return": metrics.get("dream_return", math.nan), "real_return": metrics.get("real_return", math.nan),
+        checked_frames = args.max_steps * args.check_episodes * (round_index + 1)  # real, though never trained on
+        record = {"round": round_index, "real_frames": data_frames(args.data_dir) + checked_frames,
+                  "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
+                  "dream_return": metrics.get("dream_return", math.nan),
+                  "real_return": metrics.get("real_return", math.nan),
                   "collect_return_deterministic": collect_returns[0] if round_index else math.nan,
                   "collect_return_noisy": collect_returns[-1] if round_index else math.nan}
         records.append(record)
         atomic_write(loop_path, lambda f: f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                "rounds": records}, indent=2).encode()))
         plot_curve(records, args.ckpt_dir / CURVE_FILE)
-        print(f"== round {round_index}: {record['real_frames']:,} real frames so far, {wall / 60:.1f} min, dream return "
-              f"{record['dream_return']:.1f}, real check {record['real_return']:.1f} over {args.check_episodes} tracks")
+        print(f"== round {round_index}: {record['real_frames']:,} real frames so far, {wall / 60:.1f} min, "
+              f"dream return {record['dream_return']:.1f}, real check {record['real_return']:.1f} "
+              f"over {args.check_episodes} tracks")
     print(f"dream-trained controller in {args.ckpt_dir / 'controller_ppo_dream.pt'}; rounds in {loop_path}")
 
 

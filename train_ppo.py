@@ -10,8 +10,8 @@ Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the
 NUM_ENVS envs run in WORKERS processes (a gymnasium SyncVectorEnv in each, same-step autoreset); each
 decision is held for ACTION_REPEAT frames there (only the last one drawn), its frame preprocessed there,
 encoded and remembered here in one batch per decision. ACTION_REPEAT is the world model's (the one clock):
-collect and train the world model at the rate the controller should decide at. TOTAL_STEPS counts frames (env steps). Returns
-are logged per finished episode, which works with autoreset because the step that ends an episode
+collect and train the world model at the rate the controller should decide at. TOTAL_STEPS counts frames (env
+steps). Returns are logged per finished episode, which works with autoreset because the step that ends an episode
 carries its last reward.
 """
 
@@ -19,20 +19,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from envs import RealFeatureEnvs
 from utils import run_main, setup_stage
-from utils_rl import PPOArgs, RealFeatureEnvs, train_ppo
+from utils_rl import PPOArgs, train_ppo
 
 
 @dataclass
 class Args(PPOArgs):
     num_envs: int = 16
-    """envs stepped together, spread over WORKERS processes (16 over 2: 658 steps/s here, 8: 576)"""
+    """envs stepped together, spread over WORKERS processes"""
     threads: int = 1
-    """torch CPU threads of this process (the env workers take the cores; 2 threads measured slower)"""
+    """torch CPU threads of this process (the env workers take the cores)"""
     no_progress_frames: int = 100
     """end a training episode after this many frames without a new road tile (0: never); not in evaluation"""
     env_backend: str = "fast"
-    """fast (pixel-exact CarRacing-v3, ~2.5x stock) or gymnasium (stock) for the training envs"""
+    """fast (pixel-exact CarRacing-v3, faster) or gymnasium (stock) for the training envs"""
     train_seed: int = 20_000_000
     """env i starts on track seed TRAIN_SEED + i, then draws its own tracks"""
 

@@ -24,9 +24,17 @@ from pathlib import Path
 
 import torch
 
-from dream import (EVAL_DREAM_SEED, BatchedDream, DreamFeatureEnvs, ImaginedFeatureEnvs, ReplayStarts, dream_return,
-                   load_replay)
-from utils import UserError, load_vae_and_world_model, run_main, setup_stage
+from agent import load_vae_and_world_model
+from dream import (
+    EVAL_DREAM_SEED,
+    BatchedDream,
+    DreamFeatureEnvs,
+    ImaginedFeatureEnvs,
+    ReplayStarts,
+    dream_return,
+    load_replay,
+)
+from utils import UserError, run_main, setup_stage
 from utils_rl import PPOArgs, train_ppo
 
 
@@ -76,7 +84,8 @@ def main(args: Args) -> dict:
     if args.replay:
         episodes = load_replay(args.data_dir, vae, args.ckpt_dir / "vae.pt", world_model.config.action_repeat, device)
         starts = ReplayStarts(world_model, episodes, device)
-        print(f"imagination from {len(starts):,} real states of {len(episodes)} episodes, {args.horizon} decisions each")
+        print(f"imagination from {len(starts):,} real states of {len(episodes)} episodes, "
+              f"{args.horizon} decisions each")
         envs = ImaginedFeatureEnvs(make_dream(args.num_envs), starts, args.horizon, args.seed)
     else:
         envs = DreamFeatureEnvs(make_dream(args.num_envs), args.seed)

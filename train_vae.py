@@ -23,19 +23,32 @@ import torch
 from tqdm import tqdm
 
 from conv_vae import ConvVAE, ConvVAEConfig
-from utils import (FrameStream, StageArgs, UserError, episode_lengths, frames_grid, load_episode, plain,
-                   resume_checkpoint, run_main, save_checkpoint, setup_stage, split_episodes)
-from utils_rl import find_or_collect_episodes
+from episodes import FrameStream, episode_lengths, load_episode, split_episodes
+from rollouts import find_or_collect_episodes
+from utils import (
+    StageArgs,
+    UserError,
+    atomic_write,
+    frames_grid,
+    plain,
+    resume_checkpoint,
+    run_main,
+    save_stage,
+    setup_stage,
+    stage_checkpoint,
+)
 
 
 @dataclass
 class Args(StageArgs):
-    epochs: int = 3
+    epochs: int = 12
     """total epochs (a resumed run trains up to this many)"""
     batch_size: int = 128
+    """frames per training batch"""
     lr: float = 1e-3
     """Adam learning rate"""
     latent_dim: int = 32
+    """size of z, the VAE's latent"""
     kl_tolerance: float = 0.5
     """free bits per latent dim (0 disables the floor)"""
     val_percent: float = 5.0
@@ -75,7 +88,7 @@ def reconstruction_png(model: ConvVAE, frames: np.ndarray, device) -> np.ndarray
     """Originals (top row) over their reconstructions from mu (bottom row)."""
     model.eval()
     mu, _ = model.encode(ConvVAE.to_input(torch.from_numpy(frames).to(device)))
-    recon = (model.decode(mu).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
+    recon = model.decode_frames(mu)
     model.train()
     return frames_grid([frames, recon], scale=2)
 
@@ -98,7 +111,7 @@ def main(args: Args) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     latest_path, best_path = args.ckpt_dir / "vae_latest.pt", args.ckpt_dir / "vae.pt"
 
-    resumed = resume_checkpoint(latest_path, args, config, model, optimizer, device, "train_vae.py")
+    resumed = resume_checkpoint(latest_path, best_path, args, config, model, optimizer, device, "train_vae.py")
     start_epoch, best_val, log_dir = ((resumed["epoch"], resumed["best_val_loss"], Path(resumed["log_dir"])) if resumed
                                       else (0, math.inf, args.log_dir / f"vae-{time.strftime('%Y%m%d-%H%M%S')}"))
     if start_epoch >= args.epochs:
@@ -144,19 +157,16 @@ def main(args: Args) -> None:
         for name, value in val.items():
             writer.add_scalar(f"val/{name}", value, epoch + 1)
         image = reconstruction_png(model, val_set[np.linspace(0, len(val_set) - 1, 8).astype(int)], device)
-        iio.imwrite(log_dir / f"recon_epoch{epoch + 1:03d}.png", image)
-        args.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        iio.imwrite(args.ckpt_dir / "vae_recon.png", image)
+        for path in (log_dir / f"recon_epoch{epoch + 1:03d}.png", args.ckpt_dir / "vae_recon.png"):
+            atomic_write(path, lambda f: iio.imwrite(f, image, extension=".png"))
 
         metrics = {"train_loss": float(np.mean(running)) if running else math.nan, "img_per_s": seen / epoch_seconds,
                    **{f"val_{name}": value for name, value in val.items()}}
         improved = val["loss"] < best_val
         best_val = min(best_val, val["loss"])
-        checkpoint = {"config": plain(config), "state_dict": model.state_dict(), "args": plain(args),
-                      "epoch": epoch + 1, "metrics": metrics, "best_val_loss": best_val, "log_dir": str(log_dir)}
-        if improved:
-            save_checkpoint(best_path, checkpoint)
-        save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict()})
+        checkpoint = stage_checkpoint(config, model, args, log_dir, epoch=epoch + 1, metrics=metrics,
+                                      best_val_loss=best_val)
+        save_stage(best_path, latest_path, checkpoint, {"optimizer": optimizer.state_dict()}, write_out=improved)
         print(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.2f}, val loss {val['loss']:.2f} "
               f"(recon {val['recon']:.2f}, kl {val['kl']:.2f}), {metrics['img_per_s']:.0f} img/s, "
               f"{epoch_seconds:.0f}s{'; saved ' + str(best_path) if improved else ''}")

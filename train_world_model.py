@@ -31,11 +31,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import (StageArgs, UserError, atomic_write, checkpoint_identity, encode_episodes, frames_grid, load_checkpoint,
-                   load_episode, load_latent_episode, load_vae, plain, resume_checkpoint, run_main, save_checkpoint,
-                   setup_stage, split_episodes)
+from agent import load_vae
 from dream import BatchedDream
-from utils_rl import find_or_collect_episodes
+from episodes import encode_episodes, load_episode, load_latent_episode, split_episodes
+from rollouts import find_or_collect_episodes
+from utils import (
+    StageArgs,
+    UserError,
+    atomic_write,
+    checkpoint_identity,
+    frames_grid,
+    load_checkpoint,
+    plain,
+    resume_checkpoint,
+    run_main,
+    save_stage,
+    setup_stage,
+    stage_checkpoint,
+)
 from world_model import RecurrentWorldModel, WorldModelConfig, build_world_model
 
 
@@ -52,14 +65,19 @@ class Args(StageArgs):
     action_repeat: int = 4
     """frames per decision: train on the episodes collected at this rate (collect_data.py --action-repeat)"""
     lr: float = 1e-3
+    """Adam learning rate"""
     hidden_dim: int = 256
+    """size of h, the recurrent state the controller sees"""
     num_mixtures: int = 5
+    """Gaussians per z dimension (mdn only)"""
     reward_overshoot_weight: float = 1.0
     """> 1 punishes predicting more reward than was received more than predicting less"""
     done_pos_weight: float = 10.0
     """weight of the rare done=1 steps in the done loss"""
     grad_clip: float = 1.0
+    """clip the gradient's norm to this"""
     val_percent: float = 5.0
+    """percent of episodes held out for validation (chosen by file name, stable as data grows)"""
     start_bank_size: int = 64
     """real episode-start latents stored in the checkpoint for dreams to start from"""
     temperature: float = 1.0
@@ -177,10 +195,9 @@ def dream_grid(vae, model: RecurrentWorldModel, episode_path: Path, start_bank: 
         dream.step(actions[t:t + 1])
         dreamed.append(dream.z)
     picks = list(range(every - 1, steps, every)) or [steps - 1]  # a short episode still shows its last step
-    to_image = lambda x: (x.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()  # noqa: E731
     real = episode["obs"][[start + 1 + i for i in picks]]
-    recon = to_image(vae.decode(mu[[start + 1 + i for i in picks]]))
-    dreamt = to_image(vae.decode(torch.cat([dreamed[i] for i in picks])))
+    recon = vae.decode_frames(mu[[start + 1 + i for i in picks]])
+    dreamt = vae.decode_frames(torch.cat([dreamed[i] for i in picks]))
     return frames_grid([real, recon, dreamt], scale=2)
 
 
@@ -199,11 +216,11 @@ def main(args: Args) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     latest_path, best_path = args.ckpt_dir / "world_model_latest.pt", args.ckpt_dir / "world_model.pt"
 
-    resumed = resume_checkpoint(latest_path, args, config, model, optimizer, device, "train_world_model.py")
+    resumed = resume_checkpoint(latest_path, best_path, args, config, model, optimizer, device, "train_world_model.py")
     if resumed and resumed["vae"]["sha256"] != vae_id["sha256"]:
         raise UserError(f"{latest_path} was trained on another VAE than {vae_path}: re-run with --fresh")
     start_epoch, best_val, log_dir = ((resumed["epoch"], resumed["best_val_loss"], Path(resumed["log_dir"])) if resumed
-                                      else (0, math.inf, args.log_dir / f"world_model-{time.strftime('%Y%m%d-%H%M%S')}"))
+                                      else (0, math.inf, args.log_dir / time.strftime("world_model-%Y%m%d-%H%M%S")))
     if start_epoch >= args.epochs:
         print(f"{latest_path} has already trained {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
         return
@@ -276,12 +293,9 @@ def main(args: Args) -> None:
                    **{f"val_{name}": value for name, value in val.items()}}
         improved = val["loss"] < best_val
         best_val = min(best_val, val["loss"])
-        checkpoint = {"config": plain(config), "state_dict": model.state_dict(), "args": plain(args),
-                      "epoch": epoch + 1, "metrics": metrics, "best_val_loss": best_val, "log_dir": str(log_dir),
-                      "vae": vae_id, "start_bank": start_bank, "data_id": data_id}
-        if improved:
-            save_checkpoint(best_path, checkpoint)
-        save_checkpoint(latest_path, {**checkpoint, "optimizer": optimizer.state_dict()})
+        checkpoint = stage_checkpoint(config, model, args, log_dir, epoch=epoch + 1, metrics=metrics,
+                                      best_val_loss=best_val, vae=vae_id, start_bank=start_bank, data_id=data_id)
+        save_stage(best_path, latest_path, checkpoint, {"optimizer": optimizer.state_dict()}, write_out=improved)
         bar.write(f"epoch {epoch + 1}: train {metrics['train_loss']:.3f}, val {val['loss']:.3f} (z nll "
                   f"{val['z_nll']:.3f}, z mse {val['z_mse']:.4f}, reward mae {val['reward_mae']:.3f} "
                   f"(overshoot {val['reward_overshoot']:.3f}, on no-tile steps {val['no_tile_overshoot']:.3f}), done "

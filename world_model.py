@@ -75,6 +75,14 @@ class RecurrentWorldModel(nn.Module):
         """The h a controller sees: (B, hidden_dim)."""
         return state[:, :self.config.hidden_dim]
 
+    @property
+    def controller_input_dim(self) -> int:
+        return self.config.latent_dim + self.config.hidden_dim
+
+    def controller_input(self, z: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """What every controller sees, in the real env and in the dream: [z, h] (B, latent_dim + hidden_dim)."""
+        return torch.cat([z, self.features(state)], -1)
+
     def _cell(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

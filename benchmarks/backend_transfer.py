@@ -20,11 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import train_vae  # noqa: E402
-from utils import list_episodes, load_vae, run_main  # noqa: E402
-from utils_rl import collect_episodes  # noqa: E402
+import train_vae
+from agent import load_vae
+from episodes import list_episodes
+from rollouts import collect_episodes
+from utils import run_main
 
 
 @dataclass

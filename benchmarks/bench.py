@@ -16,6 +16,7 @@ Run it on an otherwise idle machine: two cores are easily disturbed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import tempfile
@@ -25,17 +26,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import gymnasium as gym
+import numpy as np
+import torch
 
-from conv_vae import ConvVAE, ConvVAEConfig  # noqa: E402
-import train_world_model  # noqa: E402
-from train_vae import train_step  # noqa: E402
-from utils import FrameStream, list_episodes, run_main  # noqa: E402
-from dream import BatchedDream  # noqa: E402
-from utils_rl import BACKENDS, collect_episodes, make_env  # noqa: E402
-from world_model import WorldModelConfig, build_world_model  # noqa: E402
+import train_world_model
+from conv_vae import ConvVAE, ConvVAEConfig
+from dream import BatchedDream
+from envs import BACKENDS, ENVPOOL_INSTALL, make_env
+from episodes import FrameStream, list_episodes
+from rollouts import collect_episodes
+from train_vae import train_step
+from utils import run_main
+from world_model import WorldModelConfig, build_world_model
+
+INSTALLED_BACKENDS = tuple(backend for backend in BACKENDS
+                           if backend != "envpool" or importlib.util.find_spec("envpool") is not None)
 
 
 @dataclass
@@ -48,7 +54,8 @@ class Args:
     vae_batches: int = 40
     """timed VAE training steps per measurement (after 3 warm-up steps)"""
     batch_size: int = 128
-    backends: tuple[str, ...] = BACKENDS
+    backends: tuple[str, ...] = INSTALLED_BACKENDS
+    """env backends to measure (default: those installed; envpool is optional)"""
     dream_envs: int = 1024
     """batch of dreams stepped together"""
     dream_steps: int = 200
@@ -169,6 +176,8 @@ def main(args: Args) -> None:
         rows.append((what, how, value, unit))
         print(f"  {what} [{how}]: {value:.0f} {unit}", flush=True)
 
+    if "envpool" not in INSTALLED_BACKENDS:
+        print(f"envpool is not installed: its rows are skipped ({ENVPOOL_INSTALL} to measure it)")
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
             record(f"{backend} env.step, constant action", "1 process", raw_env_steps_per_s(backend, args.raw_steps),
@@ -204,7 +213,8 @@ def main(args: Args) -> None:
             record(f"world model training ({arch}), sequence steps/s", "16 x 1000 steps",
                    world_model_train_steps_per_s(arch, args.wm_batches), "steps/s")
 
-    print(f"\nmachine: {torch.get_num_threads()} torch threads, torch {torch.__version__}, gymnasium {gym.__version__}\n")
+    print(f"\nmachine: {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"gymnasium {gym.__version__}\n")
     print("| what | how | throughput |\n|---|---|---|")
     for what, how, value, unit in rows:
         print(f"| {what} | {how} | {value:.0f} {unit} |")

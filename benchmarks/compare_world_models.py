@@ -16,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_world_model  # noqa: E402
-from utils import (UserError, encode_episodes, list_episodes, load_vae_and_world_model, run_main,  # noqa: E402
-                   split_episodes)
+import train_world_model
+from agent import load_vae_and_world_model
+from episodes import encode_episodes, list_episodes, split_episodes
+from utils import UserError, run_main
 
 
 @dataclass

@@ -14,8 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import preprocess_frame, run_main  # noqa: E402
-from utils_rl import BrownianPolicy, make_env  # noqa: E402
+from envs import make_env
+from rollouts import BrownianPolicy, drive
+from utils import run_main
+
 
 @dataclass
 class Args:
@@ -27,15 +29,8 @@ class Args:
 
 def main(args: Args) -> None:
     env = make_env(args.backend)
-    policy = BrownianPolicy()
-    frame, _ = env.reset(seed=args.seed)
-    policy.reset(args.seed)
-    actions = []
-    for _ in range(args.steps):  # actions first, so the profile holds only env.step
-        actions.append(policy(preprocess_frame(frame)))
-        frame, _, terminated, truncated, _ = env.step(actions[-1])
-        if terminated or truncated:
-            break
+    # actions first, so the profile holds only env.step
+    actions = [step.action for step in drive(env, BrownianPolicy(action_repeat=1), args.seed, args.steps)]
     env.reset(seed=args.seed)
     profiler = cProfile.Profile()
     start = time.perf_counter()

@@ -57,7 +57,8 @@ def make_checkpoint_dir(tmp_path, arch="gru", world_model=None, action_repeat=1)
 def save_linear_controller(ckpt, seed: int = 0):
     """A random linear controller for the tiny agent, with the identities of its VAE and world model."""
     from actor_critic import ControllerConfig, LinearController
-    from utils import checkpoint_identity, controller_path, plain, save_checkpoint
+    from agent import controller_path
+    from utils import checkpoint_identity, plain, save_checkpoint
 
     torch.manual_seed(seed)
     config = ControllerConfig(kind="linear", obs_dim=4 + 16)

@@ -1,3 +1,6 @@
+import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -7,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
-from utils import UserError, is_complete_npz, list_episodes, load_episode
-from utils_rl import BrownianPolicy, collect_episodes, make_env
+from envs import make_env
+from episodes import is_complete_npz, list_episodes, load_episode
+from rollouts import BrownianPolicy, collect_episodes
+from utils import UserError
 
 
 def test_collect_two_short_episodes_then_rerun_skips_them(tmp_path):
@@ -56,7 +61,8 @@ def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["collect_data.py", "--data-dir", "{tmp}", "--env-backend", "nope", "--episodes", "1"], "unknown env backend 'nope'"),
+    (["collect_data.py", "--data-dir", "{tmp}", "--env-backend", "nope", "--episodes", "1"],
+     "unknown env backend 'nope'"),
     (["collect_data.py", "--data-dir", "{tmp}", "--episodes", "0"], "at least 1"),
     (["train_vae.py", "--data-dir", "{tmp}/empty", "--ckpt-dir", "{tmp}/ckpt", "--no-collect"], "no episodes in"),
     (["train_vae.py", "--data-dir", "{tmp}", "--ckpt-dir", "{tmp}/ckpt", "--device", "cuda"], "no CUDA"),
@@ -69,30 +75,50 @@ def test_user_errors_print_one_line_and_exit_nonzero(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def _alive(pid: int) -> bool:
+def wait_for_output(process: subprocess.Popen, pattern: str, timeout: float = 90) -> str:
+    """Read the process's stderr (tqdm's bar) as it comes until PATTERN (a regex) appears: the test acts on
+    what the stage says it has done, not on a guess of how long that takes."""
+    seen, deadline = "", time.monotonic() + timeout
+    while not re.search(pattern, seen):
+        ready, _, _ = select.select([process.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(process.stderr.fileno(), 4096).decode(errors="replace") if ready else ""
+        assert chunk, f"the stage ended or stalled before saying {pattern!r}: {seen[-300:]!r}"
+        seen += chunk
+    return seen
+
+
+def wait_for_exit(pids: list[int], timeout: float = 10) -> list[int]:
+    """Block until the processes have ended (a pidfd turns readable then); returns those still running."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass  # already gone
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead
-    except FileNotFoundError:
-        return False
+        deadline = time.monotonic() + timeout
+        while fds and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(fds), [], [], deadline - time.monotonic())
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return list(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_killed_collection_leaves_no_half_file_no_stray_worker_and_resumes(tmp_path):
     command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "4",
                "--max-steps", "600", "--workers", "2"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not list_episodes(tmp_path) and time.time() < deadline:  # kill once the first file landed
-        time.sleep(0.05)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_output(process, "episodes=1")  # the first file landed
     workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
                                                   text=True).stdout.split()]
     assert workers, "the pool's worker processes are running"
     process.kill()  # the parent only, with no chance to clean up
     process.wait()
-    deadline = time.time() + 10
-    while any(_alive(pid) for pid in workers) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "workers die with their parent"
+    assert not wait_for_exit(workers), "workers die with their parent"
     first = list_episodes(tmp_path)
     assert 1 <= len(first) < 4 and all(is_complete_npz(p) for p in first)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -105,20 +131,17 @@ def test_killed_collection_leaves_no_half_file_no_stray_worker_and_resumes(tmp_p
 
 def test_terminate_signal_stops_a_stage_with_one_line(tmp_path):
     command = [sys.executable, "collect_data.py", "--data-dir", str(tmp_path), "--episodes", "8", "--workers", "2"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
-                                                         text=True).stdout.split()) < 3:  # tracker + 2 workers
-        time.sleep(0.05)
-    time.sleep(1.0)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_output(process, r"[1-9]\d*/\d+ \[")  # the workers are playing: the bar counts their frames
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
+    stderr = stderr.decode()
     assert process.returncode != 0 and "Traceback" not in stderr
     assert "re-run the same command to resume" in stderr
 
 
 def test_road_offset_points_at_the_grey_road():
-    from utils_rl import road_offset
+    from rollouts import road_offset
 
     frame = np.full((64, 64, 3), (100, 200, 100), np.uint8)  # grass
     assert road_offset(frame) is None

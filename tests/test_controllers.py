@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+import smoke
 from actor_critic import ControllerConfig, LinearController, population_actions, squash
+from agent import controller_path, load_agent
 from conftest import make_checkpoint_dir, run_script, save_linear_controller
-from train_cmaes_in_dream import dream_fitness
-from utils import UserError, controller_path, load_agent, load_checkpoint, save_checkpoint
 from dream import BatchedDream
+from train_cmaes_in_dream import Args as CMAESArgs
+from train_cmaes_in_dream import dream_fitness, es_state, new_es, restore_es
+from utils import UserError, load_checkpoint, save_checkpoint
 from world_model import WorldModelConfig, build_world_model
 
 
@@ -70,15 +73,42 @@ def test_dream_fitness_gives_equal_candidates_equal_scores():
     assert fitness[0] == fitness[1] == fitness[2], "common random numbers: the same seeds, the same luck"
 
 
+def test_cmaes_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    """A resumed evolution asks exactly what the uninterrupted one asks: the state is plain numbers and tensors
+    (no pickle), restored into a fresh ES, numpy's generator included."""
+    args = CMAESArgs(popsize=6, sigma0=0.1, seed=3)
+
+    def generation(es):
+        candidates = es.ask()
+        es.tell(candidates, [float(np.sum((np.asarray(x) - 1) ** 2) + np.sin(np.sum(x))) for x in candidates])
+
+    uninterrupted = new_es(8, args)
+    for _ in range(6):
+        generation(uninterrupted)
+    interrupted = new_es(8, args)
+    for _ in range(3):
+        generation(interrupted)
+    save_checkpoint(tmp_path / "es.pt", {"config": {}, "state_dict": {}, "es_state": es_state(interrupted)})
+    np.random.seed(12345)  # another process: numpy's generator is elsewhere
+    resumed = restore_es(new_es(8, args), load_checkpoint(tmp_path / "es.pt")["es_state"])  # weights_only
+    for _ in range(3):
+        generation(resumed)
+    assert resumed.countiter == uninterrupted.countiter == 6
+    np.testing.assert_array_equal(resumed.mean, uninterrupted.mean)
+    assert resumed.sigma == uninterrupted.sigma
+
+
 def test_cmaes_stage_checkpoints_and_resumes(tmp_path):
     ckpt = make_checkpoint_dir(tmp_path)
     common = ["train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
-              "--popsize", "4", "--rollouts", "2", "--max-steps", "10", "--eval-every", "0"]
+              *smoke.TINY["train_cmaes_in_dream"]]
     first = run_script(*common, "--generations", "1")
     assert first.returncode == 0, first.stderr
     second = run_script(*common, "--generations", "2")
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout
+    other = run_script(*common, "--generations", "3", "--popsize", "6")
+    assert other.returncode == 2 and "other popsize (popsize=4)" in other.stderr, other.stderr
     checkpoint = load_checkpoint(controller_path(ckpt, "cmaes"))
     assert checkpoint["generation"] == 2 and checkpoint["world_model"]["sha256"] and "es" not in checkpoint
     agent = load_agent(ckpt, "cmaes")
@@ -139,7 +169,7 @@ def test_collect_with_the_agent_policy(tmp_path):
     result = run_script("collect_data.py", "--policy", "agent", "--ckpt-dir", str(ckpt), "--data-dir",
                         str(tmp_path / "data"), "--episodes", "2", "--max-steps", "20", "--workers", "1")
     assert result.returncode == 0, result.stderr
-    from utils import list_episodes, load_episode
+    from episodes import list_episodes, load_episode
 
     paths = list_episodes(tmp_path / "data", ["agent"])
     assert len(paths) == 2 and all(load_episode(p)["obs"].shape == (20, 64, 64, 3) for p in paths)

@@ -5,16 +5,24 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_controllers import gas_pays_world_model
 
 from actor_critic import ActorCritic, ControllerConfig
+from agent import controller_path, load_agent
 from conftest import make_checkpoint_dir, run_script, save_linear_controller
-from dream import (EVAL_DREAM_SEED, BatchedDream, DreamFeatureEnvs, ImaginedFeatureEnvs, ReplayStarts, counter_uniform,
-                   run_seeds)
-from test_controllers import gas_pays_world_model
+from dream import (
+    EVAL_DREAM_SEED,
+    BatchedDream,
+    DreamFeatureEnvs,
+    ImaginedFeatureEnvs,
+    ReplayStarts,
+    counter_uniform,
+    run_seeds,
+)
+from episodes import episode_path, list_episodes, load_episode
+from rollouts import collect_episodes, evaluate_agent
 from train_cmaes_in_dream import generation_seeds
-from utils import (UserError, checkpoint_identity, controller_path, episode_path, list_episodes, load_agent,
-                   load_episode, plain, save_checkpoint)
-from utils_rl import collect_episodes, evaluate_agent
+from utils import UserError, checkpoint_identity, plain, save_checkpoint
 from world_model import WorldModelConfig, build_world_model
 
 TINY = WorldModelConfig(arch="mdn", latent_dim=4, hidden_dim=16, num_mixtures=3)
@@ -23,10 +31,12 @@ TINY = WorldModelConfig(arch="mdn", latent_dim=4, hidden_dim=16, num_mixtures=3)
 def test_counter_noise_depends_on_both_halves_of_the_seed():
     base = torch.arange(5)
     steps = torch.zeros(5, dtype=torch.int64)
-    streams = [counter_uniform(seeds, steps, 8) for seeds in (base, base + 2**32, base + 7 * 2**32, base + EVAL_DREAM_SEED)]
+    streams = [counter_uniform(seeds, steps, 8)
+               for seeds in (base, base + 2**32, base + 7 * 2**32, base + EVAL_DREAM_SEED)]
     for i in range(len(streams)):
         for j in range(i):
-            assert not torch.isclose(streams[i], streams[j]).any(), "seeds equal in their low 32 bits drew the same noise"
+            assert not torch.isclose(streams[i], streams[j]).any(), \
+                "seeds equal in their low 32 bits drew the same noise"
 
 
 def test_runs_with_another_seed_dream_other_dreams():
@@ -58,7 +68,7 @@ def test_replay_starts_are_the_states_the_agent_saw():
     starts = ReplayStarts(model, episodes, batch=2)  # two groups, padded to their longest
     assert len(starts) == 7 + 12 + 5
     expected_z, expected_state = [], []
-    for ep in episodes:  # one episode at a time, as utils.Agent steps its memory
+    for ep in episodes:  # one episode at a time, as agent.Agent steps its memory
         state = model.initial_state(1)
         for t in range(len(ep["mu"])):
             z = torch.as_tensor(ep["mu"][t:t + 1])
@@ -123,7 +133,7 @@ def test_collection_keeps_one_step_per_decision_at_the_action_repeat(tmp_path):
 
 def test_world_model_stage_trains_at_the_episodes_clock(tmp_path):
     from conftest import make_episode
-    from utils import save_episode
+    from episodes import save_episode
 
     ckpt = make_checkpoint_dir(tmp_path)
     data = tmp_path / "data"
@@ -155,8 +165,8 @@ def test_an_agent_decides_at_its_world_models_clock(tmp_path):
 def test_evaluation_with_held_decisions_equals_the_frame_by_frame_agent(tmp_path):
     """evaluate_agent plays decisions in an env that holds them (only the last frame drawn); an agent that
     holds its own action frame by frame in the plain env must score exactly the same."""
-    from utils import preprocess_frame
-    from utils_rl import make_env
+    from envs import make_env
+    from rollouts import drive
 
     ckpt = make_checkpoint_dir(tmp_path, action_repeat=3)
     save_linear_controller(ckpt, seed=3)  # its config says action_repeat 1: put it at the world model's clock
@@ -165,14 +175,8 @@ def test_evaluation_with_held_decisions_equals_the_frame_by_frame_agent(tmp_path
     save_checkpoint(controller_path(ckpt, "cmaes"), checkpoint)
     result = evaluate_agent(ckpt, "cmaes", episodes=2, seed=11, workers=1, max_steps=60, progress=False)
     agent, env = load_agent(ckpt, "cmaes"), make_env("fast", 60)
-    for i, expected in enumerate(result["returns"]):
-        frame, _ = env.reset(seed=11 + i)
-        agent.reset()
-        total, done = 0.0, False
-        while not done:
-            frame, reward, terminated, truncated, _ = env.step(agent(preprocess_frame(frame)))
-            total, done = total + reward, terminated or truncated
-        assert total == pytest.approx(expected, abs=1e-4)
+    for i, expected in enumerate(result["returns"]):  # frame by frame: the agent holds its own decisions
+        assert sum(step.reward for step in drive(env, agent, 11 + i, 60)) == pytest.approx(expected, abs=1e-4)
     env.close()
     noisy = [evaluate_agent(ckpt, "cmaes", episodes=2, seed=11, workers=1, max_steps=60, progress=False,
                             noise=0.3) for _ in range(2)]

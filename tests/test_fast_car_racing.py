@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import fast_car_racing
+from envs import make_env
+from rollouts import BrownianPolicy
 from utils import preprocess_frame
-from utils_rl import BrownianPolicy, make_env
 
 
 def pilot(env, lookahead: int = 8) -> np.ndarray:
@@ -49,7 +50,14 @@ def play_side_by_side(seed: int, driver: str, steps: int = 1000) -> dict:
     return outcome
 
 
-@pytest.mark.skipif(not fast_car_racing.equivalence_verified(), reason="fast env falls back to stock here")
+def test_the_pinned_versions_are_the_verified_ones():
+    """requirements.txt pins gymnasium and pygame-ce to the versions the fast env was verified on: another
+    version would silently turn the fast env into the stock one and skip its equivalence, so it fails here."""
+    assert fast_car_racing.equivalence_verified(), (
+        f"installed {fast_car_racing._installed_versions()}, verified {fast_car_racing.VERIFIED_VERSIONS}: "
+        "install requirements.txt, or verify the fast env on the new versions and add them")
+
+
 @pytest.mark.parametrize("seed, driver, expect", [
     (0, "brownian", "left_playfield"),  # wanders off the track and out of the map at step ~235
     (1, "pilot", "lap_finished"),       # a whole lap, ends at step ~650

@@ -4,14 +4,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from actor_critic import ActorCritic, ControllerConfig
-from conftest import make_checkpoint_dir, run_script
 from test_controllers import gas_pays_world_model
-from utils import (Agent, UserError, controller_path, load_agent, load_checkpoint, load_vae_and_world_model,
-                   save_checkpoint)
+
+import smoke
+from actor_critic import ActorCritic, ControllerConfig
+from agent import Agent, controller_path, load_agent, load_vae_and_world_model
+from conftest import make_checkpoint_dir, run_script
 from dream import BatchedDream, DreamFeatureEnvs
-from utils_rl import PPOArgs, RealFeatureEnvs, _PreprocessedEnv, gae, ppo_update, train_ppo
+from envs import RealFeatureEnvs, _PreprocessedEnv
+from utils import UserError, load_checkpoint, save_checkpoint
+from utils_rl import PPOArgs, gae, ppo_update, train_ppo
 
 
 def test_gae_matches_a_plain_reference_loop():
@@ -170,16 +172,36 @@ def test_agent_holds_each_action_for_its_action_repeat(tmp_path):
     frames = np.random.default_rng(0).integers(0, 255, (7, 64, 64, 3), dtype=np.uint8)
     actions = [agent(frame)[0] for frame in frames]
     assert len(calls) == 3 and actions == pytest.approx([0.1] * 3 + [0.2] * 3 + [0.3])
-    agent.reset()
+    agent.reset(0)
     agent(frames[0])
     assert len(calls) == 4 and torch.all(calls[-1][:, 4:] == 0), "a reset agent decides at once, fresh memory"
 
 
+def test_agent_noise_is_seeded_by_the_track_and_remembered(tmp_path):
+    """An agent with exploration noise draws it from reset(seed): the same track, the same actions; its memory
+    h steps on the action it took, noise included (the action the world model is trained on)."""
+    vae, world_model, _ = load_vae_and_world_model(make_checkpoint_dir(tmp_path))
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    agent = Agent(vae, world_model, lambda features: torch.full((1, 3), 0.5), noise=0.2)
+
+    def play(seed):
+        agent.reset(seed)
+        return np.stack([agent.act(frame) for frame in frames])
+
+    first, again, other = play(7), play(7), play(8)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other) and not np.allclose(first, 0.5)
+    assert first[:, 0].min() >= -1 and first[:, 1:].min() >= 0 and first.max() <= 1
+    agent.reset(7)
+    agent.act(frames[0])
+    expected = world_model.step(agent.features.z, torch.from_numpy(first[:1]), world_model.initial_state(1))[1]
+    assert torch.allclose(agent.features.state, expected), "h remembers the noisy action that was taken"
+
+
 def test_ppo_stages_checkpoint_resume_and_evaluate(tmp_path):
     ckpt = make_checkpoint_dir(tmp_path, action_repeat=2)  # both controllers decide at the world model's clock
-    common = ["--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"), "--rollout-steps", "8", "--max-steps",
-              "20", "--hidden-dim", "16", "--minibatches", "2", "--update-epochs", "2"]
-    dream = ["train_ppo_in_dream.py", *common, "--num-envs", "8", "--eval-every", "0", "--no-replay"]
+    common = ["--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs")]
+    dream = ["train_ppo_in_dream.py", *common, *smoke.TINY["train_ppo_in_dream"], "--no-replay"]
     first = run_script(*dream, "--total-steps", "128")
     assert first.returncode == 0, first.stderr
     second = run_script(*dream, "--total-steps", "256")
@@ -190,8 +212,7 @@ def test_ppo_stages_checkpoint_resume_and_evaluate(tmp_path):
     assert checkpoint["config"]["action_repeat"] == 2
     assert checkpoint["world_model"]["sha256"] and checkpoint["vae"]["sha256"]
 
-    real = run_script("train_ppo.py", *common, "--num-envs", "2", "--total-steps", "64",
-                      "--eval-every", "2", "--eval-episodes", "1")
+    real = run_script("train_ppo.py", *common, *smoke.TINY["train_ppo"], "--eval-every", "2", "--eval-episodes", "1")
     assert real.returncode == 0, real.stderr
     assert "update 2: real env" in real.stdout + real.stderr
     checkpoint = load_checkpoint(controller_path(ckpt, "ppo"))
@@ -223,3 +244,34 @@ def test_ppo_controller_damage_is_one_clear_error(tmp_path):
         load_agent(ckpt, "ppo")
     result = run_script("train_ppo.py", "--ckpt-dir", str(tmp_path / "missing"))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "not found" in result.stderr
+
+
+def test_train_ppo_closes_the_envs_however_it_ends(tmp_path):
+    """The env worker processes end with train_ppo, also when it stops on bad settings before its loop."""
+    ckpt = make_checkpoint_dir(tmp_path)
+
+    class Envs:
+        num_envs, obs_dim, action_repeat, kind, closed = 2, 20, 1, "fake", False
+
+        def close(self):
+            self.closed = True
+
+    envs = Envs()
+    with pytest.raises(UserError, match="must hold at least one rollout"):
+        train_ppo(PPOArgs(ckpt_dir=ckpt, log_dir=tmp_path / "runs", total_steps=1, num_envs=2), envs, "ppo", "cpu")
+    assert envs.closed
+
+
+def test_a_resumed_real_run_starts_on_other_tracks(tmp_path):
+    """train_ppo moves the envs past what the run already drew (envs.skip): a resume does not replay its tracks."""
+    ckpt = make_checkpoint_dir(tmp_path)
+    first_frames = []
+    for skip in (0, 0, 128):
+        envs = RealFeatureEnvs(ckpt, num_envs=1, max_steps=50, seed=3, workers=1)
+        try:
+            envs.skip(skip)
+            first_frames.append(envs.reset().numpy())  # [z, h] of the first frame: z tells the tracks apart
+        finally:
+            envs.close()
+    assert np.array_equal(first_frames[0], first_frames[1]), "the same start, the same track"
+    assert not np.array_equal(first_frames[0], first_frames[2]), "a resumed run starts on another track"

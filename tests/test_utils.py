@@ -1,3 +1,4 @@
+import os
 import warnings
 from pathlib import Path
 
@@ -6,8 +7,28 @@ import pytest
 import torch
 
 from conftest import make_episode
-from utils import (FrameStream, UserError, checkpoint_identity, episode_path, is_complete_npz, list_episodes,
-                   load_checkpoint, load_episode, preprocess_frame, save_checkpoint, save_episode, split_episodes)
+from episodes import (
+    FrameStream,
+    episode_path,
+    is_complete_npz,
+    list_episodes,
+    load_episode,
+    save_episode,
+    split_episodes,
+)
+from utils import (
+    StageArgs,
+    UserError,
+    atomic_path,
+    checkpoint_identity,
+    load_checkpoint,
+    preprocess_frame,
+    remove_stale_temps,
+    resume_checkpoint,
+    save_checkpoint,
+    save_stage,
+    stage_checkpoint,
+)
 
 
 def test_preprocess_shape_and_dtype():
@@ -96,3 +117,56 @@ def test_checkpoint_round_trip_and_damage(tmp_path):
         load_checkpoint(path)
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt", stage_hint="train_vae.py")
+
+
+def test_a_kill_between_latest_and_output_is_finished_on_resume(tmp_path, monkeypatch):
+    """save_stage writes *_latest.pt first: a kill before the best checkpoint leaves a latest that knows it is
+    due, and the resume writes it from there (re-training would make another VAE and invalidate what follows)."""
+    import utils
+
+    model, args, config = torch.nn.Linear(2, 2), StageArgs(ckpt_dir=tmp_path), {"size": 2}
+    optimizer_state = torch.optim.SGD(model.parameters(), 0.1).state_dict()
+    best, latest = tmp_path / "vae.pt", tmp_path / "vae_latest.pt"
+
+    def save_epoch(epoch: int) -> None:
+        checkpoint = stage_checkpoint(config, model, args, tmp_path, epoch=epoch, best_val_loss=1.0 / epoch)
+        save_stage(best, latest, checkpoint, {"optimizer": optimizer_state})
+
+    save_epoch(1)
+    with torch.no_grad():
+        model.weight += 1
+    save = utils.save_checkpoint
+
+    def killed_after_the_first_file(path, checkpoint):
+        monkeypatch.setattr(utils, "save_checkpoint", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        save(path, checkpoint)
+
+    monkeypatch.setattr(utils, "save_checkpoint", killed_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_epoch(2)
+    monkeypatch.undo()
+    assert load_checkpoint(best)["epoch"] == 1 and load_checkpoint(latest)["epoch"] == 2
+
+    resumed = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(resumed.parameters(), 0.1)
+    assert resume_checkpoint(latest, best, args, config, resumed, optimizer, "cpu", "train_vae.py")["epoch"] == 2
+    written = load_checkpoint(best)
+    assert written["epoch"] == 2 and "optimizer" not in written and "out_due" not in written
+    assert torch.equal(written["state_dict"]["weight"], model.weight) and torch.equal(resumed.weight, model.weight)
+    resume_checkpoint(latest, best, args, config, resumed, optimizer, "cpu", "train_vae.py")  # nothing more to do
+    assert load_checkpoint(best)["save_id"] == written["save_id"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale, live = tmp_path / f".vae.pt.tmp-{dead_pid}.pt", tmp_path / f".ep_0000001.npz.tmp-{os.getpid()}.npz"
+    stale.write_bytes(b"half a file"), live.write_bytes(b"being written")
+    with atomic_path(tmp_path / "picture.png") as temp:
+        temp.write_bytes(b"png")
+        assert temp.suffix == ".png" and not (tmp_path / "picture.png").exists()
+    remove_stale_temps(tmp_path)
+    assert not stale.exists() and live.exists() and (tmp_path / "picture.png").read_bytes() == b"png"

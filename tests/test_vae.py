@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+import smoke
+from agent import load_vae
 from conftest import make_episode, run_script
 from conv_vae import ConvVAE, ConvVAEConfig
-from utils import UserError, episode_path, load_checkpoint, load_vae, save_episode
+from episodes import episode_path, save_episode
+from utils import UserError, load_checkpoint
 
 TINY = ConvVAEConfig(latent_dim=8, channels=(8, 16, 16, 16))
 
@@ -55,7 +58,7 @@ def test_train_vae_checkpoints_resumes_and_rebuilds(tmp_path):
     for seed in range(3):
         save_episode(episode_path(data, "random", seed), make_episode(40, seed))
     common = ["train_vae.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
-              "--batch-size", "16", "--no-collect"]
+              *smoke.TINY["train_vae"], "--no-collect"]
     first = run_script(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr
     assert (ckpt / "vae.pt").exists() and (ckpt / "vae_latest.pt").exists() and (ckpt / "vae_recon.png").exists()

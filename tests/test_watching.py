@@ -1,11 +1,10 @@
 import os
 
 import imageio.v3 as iio
-import numpy as np
 import pytest
 
 from conftest import make_checkpoint_dir, run_script, save_linear_controller
-from utils import episode_path, load_episode
+from episodes import episode_path, load_episode
 
 
 @pytest.fixture

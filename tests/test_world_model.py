@@ -6,12 +6,14 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import utils_rl  # noqa: F401  (registers DreamCarRacing-v0)
+import dream  # noqa: F401  (registers DreamCarRacing-v0)
+import smoke
+from agent import load_vae_and_world_model
 from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, make_episode, run_script
 from conv_vae import ConvVAE, ConvVAEConfig
-from utils import (UserError, encode_episodes, episode_path, latent_cache_path, load_latent_episode,
-                   load_vae_and_world_model, save_checkpoint, save_episode)
 from dream import BatchedDream
+from episodes import encode_episodes, episode_path, latent_cache_path, load_latent_episode, save_episode
+from utils import UserError, save_checkpoint
 from world_model import MDNRNN, WorldModelConfig, WorldModelGRU, build_world_model
 
 TINY = TINY_WORLD_MODEL
@@ -174,7 +176,7 @@ def test_train_world_model_stage_resumes_and_errors(tmp_path):
             episode["terminated"][-1], episode["truncated"][-1] = True, False
         save_episode(episode_path(data, "random", seed), episode)
     common = ["train_world_model.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--log-dir",
-              str(tmp_path / "runs"), "--hidden-dim", "16", "--num-mixtures", "2", "--batch-size", "2", "--no-collect",
+              str(tmp_path / "runs"), *smoke.TINY["train_world_model"], "--no-collect",
               "--action-repeat", "1"]  # make_episode's files, like those collected before the clock, say 1
     first = run_script(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr

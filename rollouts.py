@@ -1,0 +1,287 @@
+"""Whole episodes in worker processes: the collection policies (smooth random driving, an agent with
+optional noise), one rollout loop, parallel collection into episode files, and evaluation.
+
+A process pool, not a vector env: each worker steps, preprocesses and writes its own episode files, so
+no frame crosses a pipe per step (see the benchmark table in the README). Episodes are played at the
+decision clock: each decision is held for ACTION_REPEAT frames (`envs.ActionRepeat`), and one step of
+an episode file is one decision.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import signal
+import time
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agent import load_agent
+from envs import ENV_ID, _die_with_parent, hold_actions, make_env
+from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, save_episode
+from utils import UserError, preprocess_frame
+
+
+def road_offset(frame: np.ndarray) -> float | None:
+    """Where the road lies ahead of the car in a preprocessed 64x64 frame: -1 (left) .. 1 (right), None if unseen.
+
+    Road pixels are the grey ones (channels equal within a few levels, 80..130); the band looked at is
+    the stretch of screen in front of the car (rows 24-42; the car sits near row 46, column 32).
+    """
+    band = frame[24:43].astype(np.int16)
+    grey = (band.max(axis=2) - band.min(axis=2) < 12) & (band[..., 0] > 80) & (band[..., 0] < 130)
+    columns = np.nonzero(grey)[1]
+    if len(columns) < 8:
+        return None
+    return float(np.clip((columns.mean() - 31.5) / 16.0, -1.0, 1.0))
+
+
+class BrownianPolicy:
+    """Smooth random driving that goes along the road and off it: Ornstein-Uhlenbeck noise on steering,
+    gas and brake, plus a pull toward the road seen in the frame whose strength itself drifts.
+
+    Pure OU noise (uniform noise only jitters in place) leaves the road within ~50 steps and then
+    spends 95% of an episode on grass. Here a slowly wandering `focus` (mean reversion over ~100
+    steps) weighs a steer toward the grey pixels ahead: while it is high the car follows the road,
+    taking curves at random speeds; while it is low the noise takes it onto the grass, and the pull
+    brings it back when the road is still in view. Only the frame is used (no simulator state), so the
+    policy works with every backend. Each episode's noise is seeded by its track seed. It decides once per
+    `action_repeat` frames (the env holds the action), so its noise moves per decision.
+    """
+
+    def __init__(self, action_repeat: int = 4, **_unused):
+        self.action_repeat = action_repeat
+        self.rng = np.random.default_rng(0)
+        # noise state and its OU parameters, per (steer, gas, brake, focus)
+        self.mean = np.array([0.0, 0.35, -0.3, 0.9])
+        self.pull = np.array([0.10, 0.05, 0.10, 0.01])
+        self.noise = np.array([0.12, 0.08, 0.10, 0.07])
+        self.state = self.mean.copy()
+
+    def reset(self, seed: int) -> None:
+        self.rng = np.random.default_rng([seed, 1])
+        self.state = self.mean.copy()
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        self.state += self.pull * (self.mean - self.state) + self.noise * self.rng.standard_normal(4)
+        self.state = np.clip(self.state, -1.5, 1.5)
+        steer_noise, gas, brake, focus = self.state
+        road = road_offset(frame)
+        steer = steer_noise + (np.clip(focus, 0.0, 1.0) * 2.0 * road if road is not None else 0.0)
+        return np.clip([steer, gas, brake], [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
+
+
+class AgentPolicy:
+    """A trained agent (VAE + world model + controller from a checkpoint dir, agent.Agent) as a collection
+    policy, with optional exploration noise (seeded per track); noise 0 is the deterministic agent that
+    evaluation plays. It decides on every frame it is given, at its own action repeat (the env holds each
+    decision for that many frames)."""
+
+    def __init__(self, ckpt_dir: str = "checkpoints", controller: str = "cmaes", noise: float = 0.0, **_unused):
+        self.agent = load_agent(Path(ckpt_dir), controller, noise=noise)
+        self.action_repeat = self.agent.action_repeat
+
+    def reset(self, seed: int) -> None:
+        self.agent.reset(seed)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        return self.agent.act(frame)
+
+
+POLICIES = {"random": BrownianPolicy, "agent": AgentPolicy}
+
+
+def make_policy(name: str, **kwargs):
+    if name not in POLICIES:
+        raise UserError(f"unknown collection policy {name!r}: choose one of {', '.join(POLICIES)}")
+    return POLICIES[name](**kwargs)
+
+
+class Step(NamedTuple):
+    """One env step of `drive`."""
+    frame: np.ndarray  # (64, 64, 3) uint8: the preprocessed frame the action was chosen on
+    action: np.ndarray  # (3,) float32
+    reward: float
+    terminated: bool
+    truncated: bool  # also set on the last of MAX_STEPS steps
+
+
+def drive(env: gym.Env, policy, track_seed: int, max_steps: int) -> Iterator[Step]:
+    """The one real-env loop (collection, evaluation, play, video and profiling): the track and the policy
+    start from TRACK_SEED, then each env step preprocesses the frame, asks the policy (`reset(seed)`,
+    `policy(frame) -> action`) and steps, for at most MAX_STEPS steps. The caller sees the env in between
+    (to render it); stopping early is closing the generator."""
+    frame, _ = env.reset(seed=track_seed)
+    policy.reset(track_seed)
+    for step in range(max_steps):
+        small = preprocess_frame(frame)
+        action = policy(small)
+        frame, reward, terminated, truncated, _ = env.step(action)
+        yield Step(small, action, float(reward), bool(terminated), bool(truncated or (step == max_steps - 1
+                                                                                      and not terminated)))
+        if terminated or truncated:
+            return
+
+
+def rollout_episode(env: gym.Env, policy, track_seed: int, max_steps: int, on_step=None) -> dict:
+    """Play one episode of at most `max_steps` frames in `env` (hold_actions(make_env(...), the policy's
+    action repeat)); step t is decision t: obs[t] is the preprocessed frame action[t] was chosen on,
+    reward[t] what its held frames earned. `on_step(frames)` is called after each decision."""
+    repeat = policy.action_repeat
+    steps = []
+    for step in drive(env, policy, track_seed, math.ceil(max_steps / repeat)):
+        steps.append(step)
+        if on_step is not None:
+            on_step(repeat)
+    return episode_from_steps(steps, track_seed, repeat)
+
+
+def episode_from_steps(steps: Sequence[Step], track_seed: int, action_repeat: int) -> dict:
+    """`drive`'s steps as an episode (the contract of episodes.save_episode)."""
+    frames, actions, rewards, terminated, truncated = zip(*steps)
+    return {"obs": np.stack(frames), "action": np.stack(actions), "reward": np.array(rewards, np.float32),
+            "terminated": np.array(terminated), "truncated": np.array(truncated), "seed": track_seed,
+            "action_repeat": action_repeat}
+
+
+_worker: dict = {}  # per worker process: its env, policy and settings, built once by _setup_worker
+
+
+def _init_worker(*setup_args) -> None:
+    """Initializer of a pool worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    _die_with_parent()
+    torch.set_num_threads(1)  # one process per core already; more threads would fight over the cores
+    _setup_worker(*setup_args)
+
+
+def _setup_worker(backend: str, max_steps: int, policy_name: str, policy_kwargs: dict, step_counter) -> None:
+    policy = make_policy(policy_name, **policy_kwargs)
+    _worker.update(env=hold_actions(make_env(backend, max_steps), policy.action_repeat), policy=policy,
+                   max_steps=max_steps, counter=step_counter, pending=0)
+
+
+def _count_step(frames: int) -> None:
+    _worker["pending"] += frames
+    if _worker["pending"] >= 200:  # batch the shared-counter updates: a lock per step is measurable
+        with _worker["counter"].get_lock():
+            _worker["counter"].value += _worker["pending"]
+        _worker["pending"] = 0
+
+
+def _play_one(task: tuple[int, str | None]) -> dict:
+    track_seed, path = task
+    episode = rollout_episode(_worker["env"], _worker["policy"], track_seed, _worker["max_steps"], _count_step)
+    if path is not None:
+        save_episode(Path(path), episode)
+    with _worker["counter"].get_lock():
+        _worker["counter"].value += _worker["pending"]
+    _worker["pending"] = 0
+    steps = len(episode["reward"])
+    return {"seed": track_seed, "steps": steps, "frames": steps * episode["action_repeat"],
+            "return": float(episode["reward"].sum())}
+
+
+def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int = 1000, workers: int = 2,
+                     backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
+                     source: str | None = None, progress: bool = True) -> list[dict]:
+    """Collect one episode file per track seed into data_dir/rollouts/<source>/, skipping complete ones.
+    The random policy's action repeat is `policy_kwargs["action_repeat"]` (4 if absent); an agent uses its own.
+
+    Returns a summary (seed, steps, return) of each episode collected now. Safe to kill at any
+    moment: files appear only when complete, and a re-run collects just the missing seeds.
+    """
+    source = source or policy
+    for stale in episode_dir(data_dir, source).glob(".ep_*.tmp-*"):  # left by a worker killed mid-write
+        stale.unlink(missing_ok=True)
+    tasks = [(seed, str(episode_path(data_dir, source, seed))) for seed in track_seeds]
+    tasks = [task for task in tasks if not is_complete_npz(Path(task[1]))]
+    return play_episodes(tasks, max_steps, workers, backend, policy, policy_kwargs, f"collect {source}", progress,
+                         out_dir=episode_dir(data_dir, source))
+
+
+def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000, workers: int = 2,
+                  backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
+                  desc: str = "play", progress: bool = True, out_dir: Path | None = None) -> list[dict]:
+    """Play one episode per (track seed, episode file or None) task over `workers` processes.
+
+    Returns a summary (seed, steps (decisions), frames, return) per episode, in the order they finished;
+    with a file name the episode is also saved there (atomically). `out_dir` is created once the inputs are checked.
+    """
+    if not tasks:
+        return []
+    make_policy(policy, **(policy_kwargs or {}))  # fail fast on a bad policy, before any process starts
+    make_env(backend, max_steps).close()  # ... and on a bad or missing backend
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)  # ... and on an output path that cannot be made
+    workers = max(1, min(workers, len(tasks)))
+    context = mp.get_context("spawn")  # fork after torch/threads is unsafe; spawn costs ~1 s per worker
+    counter = context.Value("q", 0)
+    init_args = (backend, max_steps, policy, policy_kwargs or {}, counter)
+    summaries = []
+    bar = tqdm(total=len(tasks) * max_steps, unit="frame", desc=desc, disable=not progress, dynamic_ncols=True)
+    try:
+        if workers == 1:  # in-process: no start-up cost, same code path as a worker
+            _setup_worker(*init_args)
+            for task in tasks:
+                summaries.append(_play_one(task))
+                _update_bar(bar, counter, summaries)
+        else:
+            with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+                results = pool.imap_unordered(_play_one, tasks)
+                while len(summaries) < len(tasks):
+                    try:
+                        summaries.append(results.next(timeout=0.5))
+                    except mp.TimeoutError:
+                        pass
+                    _update_bar(bar, counter, summaries)
+    finally:
+        bar.total = bar.n
+        bar.close()
+        if "env" in _worker:
+            _worker["env"].close()
+        _worker.clear()
+    return summaries
+
+
+def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: int = 1_000_000, workers: int = 2,
+                   max_steps: int = 1000, backend: str = "fast", progress: bool = True, noise: float = 0.0) -> dict:
+    """Play the agent on track seeds seed..seed+episodes-1, deterministically (or with Gaussian `noise` on its
+    actions, seeded by the track: the same call gives the same returns); the evaluation contract's dict."""
+    load_agent(Path(ckpt_dir), controller)  # one clear error before any worker starts
+    start = time.perf_counter()
+    summaries = play_episodes([(seed + i, None) for i in range(episodes)], max_steps, workers, backend, "agent",
+                              {"ckpt_dir": str(ckpt_dir), "controller": controller, "noise": noise},
+                              f"evaluate {controller}", progress)
+    returns = [s["return"] for s in sorted(summaries, key=lambda s: s["seed"])]
+    return {"env_id": ENV_ID, "episodes": episodes, "seed": seed, "mean": float(np.mean(returns)),
+            "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
+            "returns": returns, "controller": controller, "ckpt_dir": str(ckpt_dir), "env_backend": backend,
+            "max_steps": max_steps, "noise": noise, "frames": int(sum(s["frames"] for s in summaries)),
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _update_bar(bar, counter, summaries: list[dict]) -> None:
+    bar.update(counter.value - bar.n)
+    if summaries:
+        bar.set_postfix(episodes=len(summaries), mean_return=f"{np.mean([s['return'] for s in summaries]):.1f}",
+                        refresh=False)
+
+
+def find_or_collect_episodes(data_dir: Path, collect: bool, episodes: int, max_steps: int = 1000, workers: int = 2,
+                             backend: str = "fast", action_repeat: int = 4) -> list[Path]:
+    """The episodes under data_dir; with none there, collect `episodes` random ones first (if `collect`)."""
+    paths = list_episodes(data_dir)
+    if paths:
+        return paths
+    if not collect:
+        raise UserError(f"no episodes in {data_dir}/rollouts/: run collect_data.py --data-dir {data_dir} "
+                        "(or drop --no-collect)")
+    print(f"no episodes in {data_dir}: collecting {episodes} random ones first")
+    collect_episodes(data_dir, range(episodes), max_steps, workers, backend, "random", {"action_repeat": action_repeat})
+    return list_episodes(data_dir)

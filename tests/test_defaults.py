@@ -1,0 +1,77 @@
+"""One source for every default: each flag says what it does, and the Makefile passes the scripts' own defaults."""
+
+import contextlib
+import dataclasses
+import importlib
+import io
+import re
+
+import pytest
+import tyro
+
+from conftest import ROOT
+
+SCRIPTS = ["collect_data", "train_vae", "train_world_model", "train_ppo", "train_ppo_in_dream", "train_cmaes_in_dream",
+           "train_dream_loop", "evaluate", "create_video", "play_game", "plot_training"]
+
+
+def flag_help(script: str, monkeypatch) -> dict[str, str]:
+    """{--flag: its help text without the default} from the script's --help, as a user sees it."""
+    monkeypatch.setenv("COLUMNS", "250")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        tyro.cli(importlib.import_module(script).Args, args=["--help"])
+    options, current = {}, None
+    for line in out.getvalue().splitlines():
+        content = line.strip().strip("│").strip()
+        match = re.match(r"(--[\w-]+)(?:, --[\w-]+)?(?: [\w{},.|\[\]-]+)?(?:\s{2,}(.*))?$", content)
+        if match and content.startswith("--"):
+            current = match.group(1)
+            options[current] = match.group(2) or ""
+        elif current and content and not content.startswith("╰"):
+            options[current] += " " + content
+        else:
+            current = None
+    return {flag: re.sub(r"\(default: .*\)$", "", text).strip() for flag, text in options.items()}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_says_what_it_does(script, monkeypatch):
+    helps = flag_help(script, monkeypatch)
+    assert len(helps) >= 3, helps
+    missing = [flag for flag, text in helps.items() if not text]
+    assert not missing, f"{script}.py: flags without a --help line: {missing}"
+    timed = [flag for flag, text in helps.items() if re.search(r"\d+(\.\d+)? ?(steps/s|frames/s|min|ms)\b|~\d", text)]
+    assert not timed, f"{script}.py: timings of this machine belong in the README, not in --help: {timed}"
+
+
+# Makefile knobs that are not a script's default, on purpose
+MAKE_OWN = {"ITER_EPISODES": "an on-policy round drives fewer new tracks than a first data set has",
+            "CKPT_DIR": "evaluate.py and the watching scripts play the shipped agent by default, make what it trained"}
+
+
+def makefile_knobs() -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """({VAR: value} of `VAR ?= value`, [(script, --flag, VAR)] of every `--flag $(VAR)` a recipe passes)."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    values = dict(re.findall(r"^(\w+) \?= (.*)$", text, re.M))
+    passed = []
+    for line in text.splitlines():
+        for script, arguments in re.findall(r"\$\(PY\) (\w+)\.py ([^;|&]*)", line):
+            passed += [(script, flag, var) for flag, var in re.findall(r"(--[\w-]+) \$\((\w+)\)", arguments)]
+    return values, passed
+
+
+def test_the_makefile_passes_the_scripts_own_defaults():
+    values, passed = makefile_knobs()
+    assert len(passed) > 20, passed
+    compared = 0
+    for script, flag, var in passed:
+        value = values.get(var, "")
+        if var in MAKE_OWN or "$(" in value or var in ("PY", "RUN_DIR"):
+            continue
+        fields = {field.name: field for field in dataclasses.fields(importlib.import_module(script).Args)}
+        field = fields[flag[2:].replace("-", "_")]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        assert str(default) == value, f"make passes {flag} $({var}) = {value} to {script}.py; its default: {default}"
+        compared += 1
+    assert compared >= 10
