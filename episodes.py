@@ -55,7 +55,10 @@ def save_episode(path: Path, episode: dict) -> None:
 
 
 EPISODE_SHAPES = {"obs": (FRAME_SIZE, FRAME_SIZE, 3), "action": (3,), "reward": (), "terminated": (),
-                  "truncated": ()}  # per step
+                  "truncated": ()}  # per step (the latent cache's mu and logvar: (latent_dim,), checked apart)
+
+
+EPISODE_KINDS = {"obs": "u", "action": "f", "reward": "f", "terminated": "b", "truncated": "b"}  # numpy dtype kinds
 
 
 def check_episode_arrays(arrays: dict) -> None:
@@ -64,12 +67,15 @@ def check_episode_arrays(arrays: dict) -> None:
     steps = len(arrays[present[0]]) if present else 0
     if steps == 0:
         raise ValueError("an episode needs at least one step")
-    if "obs" in arrays and arrays["obs"].dtype != np.uint8:
-        raise ValueError(f"obs must be uint8, got {arrays['obs'].dtype}")
     for key in present:
         expected = (steps, *EPISODE_SHAPES[key])
         if arrays[key].shape != expected:
             raise ValueError(f"{key} must be {expected}, got {arrays[key].shape}")
+        kind = arrays[key].dtype.kind
+        if kind not in EPISODE_KINDS[key]:
+            raise ValueError(f"{key} must be of dtype kind {EPISODE_KINDS[key]!r}, got {arrays[key].dtype}")
+        if kind == "f" and not np.isfinite(arrays[key]).all():
+            raise ValueError(f"{key} holds NaN or inf")
 
 
 def is_complete_npz(path: Path) -> bool:
@@ -191,8 +197,13 @@ def load_latent_episode(path: Path, vae_sha256: str | None = None, warn: bool = 
                       else np.asarray(OPTIONAL_EPISODE_KEYS[key]) for key in LATENT_KEYS}
         if vae_sha256 is not None and str(arrays["vae_sha256"]) != vae_sha256:
             raise ValueError("made by another VAE")
-        if arrays["mu"].shape != arrays["logvar"].shape or len(arrays["mu"]) != len(arrays["reward"]):
-            raise ValueError(f"inconsistent shapes {arrays['mu'].shape} {arrays['reward'].shape}")
+        check_episode_arrays(arrays)  # action, reward and flags: shapes, dtypes, finite
+        mu, logvar = arrays["mu"], arrays["logvar"]
+        if mu.ndim != 2 or mu.shape != logvar.shape or len(mu) != len(arrays["reward"]):
+            raise ValueError(f"inconsistent shapes: mu {mu.shape}, logvar {logvar.shape}, "
+                             f"reward {arrays['reward'].shape}")
+        if not all(x.dtype.kind == "f" and np.isfinite(x).all() for x in (mu, logvar)):
+            raise ValueError("mu and logvar must be finite floats")
         return arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         if warn:

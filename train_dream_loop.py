@@ -82,6 +82,8 @@ class Args:
     """imagined decisions per dream before the critic bootstraps"""
     temperature: float = 1.0
     """dream sampling temperature"""
+    weight_average: float = 0.0
+    """> 0: the controller is the moving average of PPO's weights with this decay (train_ppo_in_dream.py's flag)"""
     check_episodes: int = 10
     """real tracks of the per-round check (seeds from 5,000,000; logged, never used)"""
     max_steps: int = 1000
@@ -136,9 +138,13 @@ def load_records(path: Path, args: Args) -> list[dict]:
     if not path.exists():
         return []
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_bytes())
         records, saved_args = saved["rounds"], saved["args"]
-    except (ValueError, KeyError, TypeError) as error:
+        if not (isinstance(saved_args, dict) and isinstance(records, list)
+                and all(isinstance(record, dict) and isinstance(record.get("wall_seconds", 0.0), (int, float))
+                        for record in records)):
+            raise TypeError("not a record of rounds")
+    except (ValueError, KeyError, TypeError) as error:  # (UnicodeDecodeError is a ValueError)
         raise UserError(f"{path} is damaged ({type(error).__name__}): move it away to start the loop over")
     other = [name for name in RECIPE if saved_args.get(name) != str(getattr(args, name))]
     if other:
@@ -198,6 +204,7 @@ def main(args: Args) -> None:
         ppo_args = train_ppo_in_dream.Args(
             ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,
             horizon=args.horizon, rollout_steps=args.horizon, temperature=args.temperature, seed=args.seed,
+            weight_average=args.weight_average,
             total_steps=args.updates_per_round * args.num_envs * args.horizon * args.action_repeat,
             eval_every=args.updates_per_round, eval_episodes=args.check_episodes, workers=args.workers,
             max_steps=args.max_steps)

@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -135,7 +136,8 @@ def resume_controller_checkpoint(latest_path: Path, out_path: Path, fresh: bool,
     return checkpoint
 
 
-CONTROLLER_RESUME_KEYS = ("optimizer", "reward_scaler", "es_state")  # in *_latest.pt only, not in controller_*.pt
+CONTROLLER_RESUME_KEYS = ("optimizer", "reward_scaler", "es_state", "trained_state_dict",
+                          "averaged_model")  # in *_latest.pt only, not in controller_*.pt
 
 
 def seed_everything(seed: int) -> None:
@@ -207,8 +209,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as error:  # a full disk or a file-size limit: name the file the user will look for
+        cause = _os_error_in(error)  # (torch.save turns a failed write into a RuntimeError with the OSError inside)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"{cause.strerror or cause} while writing (the previous file, if any, is intact)",
+                      str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _os_error_in(error: BaseException | None) -> OSError | None:
+    """The OSError an exception is, or was raised while handling, if any."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -291,10 +306,19 @@ def load_checkpoint(path: Path, map_location="cpu", stage_hint: str = "") -> dic
     hint = f" (run {stage_hint} to make it)" if stage_hint else ""
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found{hint}")
-    try:
+    try:  # torch does not check the zip's CRCs: a flipped byte in the weights would load as other weights
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+        if bad_member is not None:
+            raise ValueError(f"CRC mismatch in {bad_member}")
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for a truncated or foreign file
+    except Exception as error:  # torch and zipfile raise several types for a truncated or foreign file
         raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({type(error).__name__}){hint}")
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+    if (not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict)
+            or not isinstance(checkpoint.get("state_dict"), dict)):
         raise UserError(f"checkpoint {path} lacks a config and state_dict: not made by this repo{hint}")
+    if not all(isinstance(value, torch.Tensor) for value in checkpoint["state_dict"].values()):
+        raise UserError(f"checkpoint {path} has a state_dict of other things than tensors: not made by this repo{hint}")
+    if not all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values() if value.is_floating_point()):
+        raise UserError(f"checkpoint {path} holds NaN or inf weights: a diverged run; retrain it{hint}")
     return checkpoint

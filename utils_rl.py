@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from agent import CONTROLLER_SCRIPTS
@@ -158,6 +159,9 @@ class PPOArgs(ControllerStageArgs):
     """clip the gradient's norm to this"""
     target_kl: float = 0.0
     """stop an update's epochs once the approximate KL passes this (0: never)"""
+    weight_average: float = 0.0
+    """> 0: the controller saved is an exponential moving average of the weights over updates with this decay
+    (torch.optim.swa_utils; 0.95 averages about the last 20 updates), training goes on with the raw weights"""
     hidden_dim: int = 256
     """width of the actor's and critic's hidden layers"""
     distribution: Literal["beta", "tanh_normal"] = "beta"
@@ -201,6 +205,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                               distribution=args.distribution, action_repeat=envs.action_repeat)
     model = ActorCritic(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.weight_average),
+                             use_buffers=True) if args.weight_average else None
     scaler = RewardScaler(args.num_envs, args.gamma)
     latest_path, out_path = args.ckpt_dir / f"{name}_latest.pt", args.ckpt_dir / f"controller_{name}.pt"
 
@@ -208,7 +214,9 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
     checkpoint = resume_controller_checkpoint(latest_path, out_path, args.fresh, identities["world_model"]["sha256"],
                                               config, CONTROLLER_SCRIPTS[name], device, warm_start)
     if checkpoint:
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(checkpoint.get("trained_state_dict", checkpoint["state_dict"]))  # (raw, if averaged)
+        if averaged is not None and "averaged_model" in checkpoint:
+            averaged.load_state_dict(checkpoint["averaged_model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["reward_scaler"])
         log_dir = Path(checkpoint["log_dir"])
@@ -267,6 +275,9 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
             metrics = ppo_update(model, optimizer, batch, args.update_epochs, args.minibatches, args.clip_coef,
                                  args.ent_coef, args.vf_coef, args.max_grad_norm, args.target_kl)
             model.obs_norm.update(batch["obs"])  # between updates: see RunningNorm
+            if averaged is not None:
+                averaged.update_parameters(model)
+            shipped = model if averaged is None else averaged.module
             if not all(math.isfinite(value) for value in metrics.values()):
                 raise UserError(f"PPO diverged at update {update + 1} ({metrics}); the last good checkpoint is "
                                 f"{latest_path}")
@@ -282,17 +293,19 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
             for key, value in metrics.items():
                 writer.add_scalar(f"ppo/{key}", value, env_steps)
             writer.add_scalar("ppo/learning_rate", optimizer.param_groups[0]["lr"], env_steps)
-            checkpoint = stage_checkpoint(config, model, args, log_dir, update=update + 1, env_steps=env_steps,
+            checkpoint = stage_checkpoint(config, shipped, args, log_dir, update=update + 1, env_steps=env_steps,
                                           total_updates=total_updates + update + 1, metrics=metrics, **identities)
-            save_stage(out_path, latest_path, checkpoint, {"optimizer": optimizer.state_dict(),
-                                                           "reward_scaler": scaler.state_dict()})
+            resume_state = {"optimizer": optimizer.state_dict(), "reward_scaler": scaler.state_dict()}
+            if averaged is not None:
+                resume_state |= {"trained_state_dict": model.state_dict(), "averaged_model": averaged.state_dict()}
+            save_stage(out_path, latest_path, checkpoint, resume_state)
             if args.eval_every and ((update + 1) % args.eval_every == 0 or update + 1 == updates):
                 real = evaluate_agent(args.ckpt_dir, name, args.eval_episodes, args.eval_seed, args.workers,
                                       args.max_steps, progress=False)
                 writer.add_scalar("eval/real_return", real["mean"], env_steps)
                 line = (f"update {update + 1}: real env {real['mean']:.1f} ± {real['std']:.1f} "
                         f"over {args.eval_episodes} tracks")
-                for key, value in (extra_eval(model) if extra_eval else {}).items():
+                for key, value in (extra_eval(shipped) if extra_eval else {}).items():
                     writer.add_scalar(f"eval/{key}", value, env_steps)
                     line += f", {key.replace('_', ' ')} {value:.1f}"
                     metrics[key] = value

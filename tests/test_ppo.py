@@ -275,3 +275,30 @@ def test_a_resumed_real_run_starts_on_other_tracks(tmp_path):
             envs.close()
     assert np.array_equal(first_frames[0], first_frames[1]), "the same start, the same track"
     assert not np.array_equal(first_frames[0], first_frames[2]), "a resumed run starts on another track"
+
+
+def test_weight_averaging_ships_the_average_and_resumes_the_raw_weights(tmp_path):
+    """With --weight-average the controller file holds the moving average of the weights; training goes on
+    from the raw weights (kept in the latest checkpoint with the average), and a resume continues both."""
+    model = gas_pays_world_model()
+    ckpt = make_checkpoint_dir(tmp_path, world_model=model)
+
+    def run(updates: int) -> dict:
+        dream = BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
+        args = tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20 * updates, weight_average=0.5)
+        return train_ppo(args, DreamFeatureEnvs(dream), "ppo_dream", torch.device("cpu"))
+
+    run(2)
+    latest = load_checkpoint(ckpt / "ppo_dream_latest.pt")
+    shipped = load_checkpoint(controller_path(ckpt, "ppo_dream"))
+    assert not {"trained_state_dict", "averaged_model", "optimizer"} & set(shipped)
+    averaged = {name.removeprefix("module."): value for name, value in latest["averaged_model"].items()
+                if name.startswith("module.")}
+    for name, value in shipped["state_dict"].items():
+        assert torch.equal(value, averaged[name]), name
+    assert any(not torch.equal(value, latest["trained_state_dict"][name])
+               for name, value in shipped["state_dict"].items()), "the average is not the last weights"
+    assert int(latest["averaged_model"]["n_averaged"]) == 2
+    run(3)
+    assert int(load_checkpoint(ckpt / "ppo_dream_latest.pt")["averaged_model"]["n_averaged"]) == 3
+    assert load_checkpoint(controller_path(ckpt, "ppo_dream"))["update"] == 3
