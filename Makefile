@@ -61,7 +61,7 @@ iterate: venv
 		--seed $$((100000 * $(ROUND))) --noise 0.1 --workers 2 --env-backend $(BACKEND)
 	$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --arch $(WM_ARCH) \
 		--epochs $$((40 + 20 * $(ROUND)))
-	$(PY) train_cmaes_in_dream.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --generations 100
+	$(PY) train_cmaes_in_dream.py --ckpt-dir $(CKPT_DIR) --data-dir $(DATA_DIR) --log-dir $(LOG_DIR) --generations 100
 	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller cmaes --episodes 100 --out $(CKPT_DIR)/eval_cmaes_round$(ROUND).json
 
 # Learning in the dream, one resumable command: random data -> VAE -> world model -> PPO in imagination from

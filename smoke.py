@@ -46,7 +46,7 @@ def stages(run_dir: Path) -> list[list[str]]:
     return [["collect_data.py", "--data-dir", data, *TINY["collect_data"]],
             ["train_vae.py", "--data-dir", data, *trained, *TINY["train_vae"]],
             ["train_world_model.py", "--data-dir", data, *trained, *TINY["train_world_model"]],
-            ["train_cmaes_in_dream.py", *trained, *TINY["train_cmaes_in_dream"]],
+            ["train_cmaes_in_dream.py", "--data-dir", data, *trained, *TINY["train_cmaes_in_dream"]],
             ["train_ppo.py", *trained, *TINY["train_ppo"]],
             ["train_ppo_in_dream.py", "--data-dir", data, *trained, *TINY["train_ppo_in_dream"]],
             *(["evaluate.py", "--ckpt-dir", ckpt, "--controller", name, *TINY["evaluate"]]

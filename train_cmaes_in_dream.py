@@ -1,6 +1,6 @@
 """Evolve the original linear controller with CMA-ES entirely inside the dream.
 
-Reads:  CKPT_DIR/vae.pt and world_model.pt.
+Reads:  CKPT_DIR/vae.pt and world_model.pt; with --replay, DATA_DIR's episodes (their latents, cached per VAE).
 Writes: CKPT_DIR/controller_cmaes.pt (the CMA-ES mean after each generation, with the identities of
         the VAE and world model it was evolved in), CKPT_DIR/cmaes_latest.pt (the evolution state:
         re-running resumes), TensorBoard logs under LOG_DIR/cmaes-<time>/ (dream fitness best / mean
@@ -9,7 +9,8 @@ Writes: CKPT_DIR/controller_cmaes.pt (the CMA-ES mean after each generation, wit
 Each generation the population's POPSIZE x ROLLOUTS dreams run as one BatchedDream: one tensor pass
 per step for every candidate. All candidates of a generation dream on the same seeds (common random
 numbers), so they are ranked on the same luck. The fitness is the mean dream return; the real env
-is only looked at, never learned from.
+is only looked at, never learned from. Dreams start from the world model's bank of episode starts and
+run whole episodes, or with --replay from the states of replayed real decisions for HORIZON decisions.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from actor_critic import ControllerConfig, LinearController, population_actions
 from agent import controller_path, load_vae_and_world_model
-from dream import BatchedDream, dream_return, run_seeds
+from dream import BatchedDream, ReplayStarts, counter_uniform, dream_return, load_replay, run_seeds
 from rollouts import evaluate_agent
 from utils import (
     UserError,
@@ -56,17 +57,35 @@ class Args(ControllerStageArgs):
     """initial CMA-ES step size"""
     eval_every: int = 10
     """play the CMA-ES mean in the real env every this many generations (0: never)"""
+    replay: bool = True
+    """start each dream from the state of a replayed real decision and cut it after HORIZON decisions (as PPO
+    in imagination does); the fitness is then the mean return of those stretches"""
+    horizon: int = 50
+    """decisions per dream with --replay"""
+    data_dir: Path = Path("data")
+    """real episodes whose states start the dreams with --replay (DATA_DIR/rollouts/*/)"""
 
 
 @torch.no_grad()
-def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, seeds: torch.Tensor) -> torch.Tensor:
-    """Mean dream return of each candidate: solutions (P, n), seeds (P * rollouts,) -> (P,)."""
+def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, seeds: torch.Tensor,
+                  z: torch.Tensor | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean dream return of each candidate: solutions (P, n), seeds (P * rollouts,) -> (P,). The dreams start
+    from the bank, or from the given z (P * rollouts, latent) and state (P * rollouts, state_size)."""
     popsize = solutions.shape[0]
 
     def act(obs: torch.Tensor) -> torch.Tensor:
         return population_actions(solutions, obs.view(popsize, rollouts, -1)).view(popsize * rollouts, 3)
 
-    return dream_return(dream, act, seeds).view(popsize, rollouts).mean(1)
+    return dream_return(dream, act, seeds, z, state).view(popsize, rollouts).mean(1)
+
+
+def generation_starts(starts: ReplayStarts, run_seed: int, generation: int, popsize: int,
+                      rollouts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The replayed start states of a generation: rollout r of every candidate starts from the same real state
+    (common random numbers), each generation and --seed from others. z (P * R, latent), state (P * R, size)."""
+    uniform = counter_uniform(run_seeds(run_seed, generation * rollouts, rollouts), torch.full((rollouts,), -3), 1)
+    z, state = starts.sample(uniform[:, 0])
+    return z.repeat(popsize, 1), state.repeat(popsize, 1)
 
 
 def es_state(es: cma.CMAEvolutionStrategy) -> dict:
@@ -135,7 +154,9 @@ def main(args: Args) -> None:
     device = setup_stage(args)
     if min(args.generations, args.popsize, args.rollouts, args.max_steps) < 1 or args.popsize < 2:
         raise UserError("--generations, --rollouts and --max-steps must be at least 1, --popsize at least 2")
-    _, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
+    vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
+    if args.horizon < 1:
+        raise UserError("--horizon must be at least 1")
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
                   "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
     config = ControllerConfig(kind="linear", obs_dim=world_model.controller_input_dim,
@@ -166,10 +187,17 @@ def main(args: Args) -> None:
     if es is None:
         es = new_es(LinearController.num_params(config.obs_dim), args)
 
-    bank = wm_checkpoint["start_bank"]
+    bank, starts = wm_checkpoint["start_bank"], None
+    dream_frames = args.max_steps
+    if args.replay:
+        episodes = load_replay(args.data_dir, vae, args.ckpt_dir / "vae.pt", world_model.config.action_repeat, device)
+        starts = ReplayStarts(world_model, episodes, device)
+        dream_frames = min(args.max_steps, args.horizon * world_model.config.action_repeat)
+        print(f"dreams from {len(starts):,} replayed real states of {len(episodes)} episodes, "
+              f"{args.horizon} decisions each")
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], args.popsize * args.rollouts, args.temperature,
-                         args.max_steps, device)
-    print(f"CMA-ES: {es.N} parameters, population {args.popsize} x {args.rollouts} dreams of up to {args.max_steps} "
+                         dream_frames, device)
+    print(f"CMA-ES: {es.N} parameters, population {args.popsize} x {args.rollouts} dreams of up to {dream_frames} "
           f"frames ({dream.max_steps} decisions of {dream.action_repeat}) at temperature {args.temperature} "
           f"on {device}; logs in {log_dir}")
     from torch.utils.tensorboard import SummaryWriter
@@ -182,8 +210,10 @@ def main(args: Args) -> None:
         gen_start = time.perf_counter()
         solutions = np.array(es.ask())
         seeds = generation_seeds(args.seed, generation, args.popsize, args.rollouts)
+        z, state = (generation_starts(starts, args.seed, generation, args.popsize, args.rollouts) if starts
+                    else (None, None))
         fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device), args.rollouts,
-                                seeds.to(device)).cpu().numpy()
+                                seeds.to(device), z, state).cpu().numpy()
         if not np.isfinite(fitness).all():
             raise UserError(f"dream fitness became non-finite at generation {generation + 1}; "
                             f"the last good checkpoint is {latest_path}")

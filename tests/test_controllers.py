@@ -8,10 +8,11 @@ import torch
 import smoke
 from actor_critic import ControllerConfig, LinearController, population_actions, squash
 from agent import controller_path, load_agent
-from conftest import make_checkpoint_dir, run_script, save_linear_controller
-from dream import BatchedDream
+from conftest import make_checkpoint_dir, make_episode, run_script, save_linear_controller
+from dream import BatchedDream, ReplayStarts
+from episodes import episode_path, save_episode
 from train_cmaes_in_dream import Args as CMAESArgs
-from train_cmaes_in_dream import dream_fitness, es_state, new_es, restore_es
+from train_cmaes_in_dream import dream_fitness, es_state, generation_starts, new_es, restore_es
 from utils import UserError, load_checkpoint, save_checkpoint
 from world_model import WorldModelConfig, build_world_model
 
@@ -100,10 +101,13 @@ def test_cmaes_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 def test_cmaes_stage_checkpoints_and_resumes(tmp_path):
     ckpt = make_checkpoint_dir(tmp_path)
+    for seed in range(2):  # real episodes whose states start the dreams (--replay, the default)
+        save_episode(episode_path(tmp_path / "data", "random", seed), make_episode(12, seed))
     common = ["train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
-              *smoke.TINY["train_cmaes_in_dream"]]
+              "--data-dir", str(tmp_path / "data"), *smoke.TINY["train_cmaes_in_dream"]]
     first = run_script(*common, "--generations", "1")
     assert first.returncode == 0, first.stderr
+    assert "dreams from 24 replayed real states of 2 episodes" in first.stdout
     second = run_script(*common, "--generations", "2")
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout
@@ -173,3 +177,21 @@ def test_collect_with_the_agent_policy(tmp_path):
 
     paths = list_episodes(tmp_path / "data", ["agent"])
     assert len(paths) == 2 and all(load_episode(p)["obs"].shape == (20, 64, 64, 3) for p in paths)
+
+
+def test_cmaes_with_replay_dreams_from_common_real_states_for_horizon_decisions():
+    """--replay: rollout r of every candidate starts from the same replayed real state (common random numbers),
+    other generations from other states, and each dream lasts HORIZON decisions."""
+    model = gas_pays_world_model()
+    rng = np.random.default_rng(0)
+    episodes = [{"mu": rng.normal(size=(30, 4)).astype(np.float32), "action": rng.uniform(0, 1, (30, 3))}
+                for _ in range(3)]
+    starts = ReplayStarts(model, episodes)
+    z, state = generation_starts(starts, run_seed=0, generation=0, popsize=3, rollouts=4)
+    assert z.shape == (12, 4) and torch.equal(z[:4], z[4:8]) and torch.equal(state[:4], state[8:])
+    later, _ = generation_starts(starts, run_seed=0, generation=1, popsize=3, rollouts=4)
+    assert not torch.equal(later[:4], z[:4])
+    dream = BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 12, max_steps=7)  # 7 decisions
+    solution = torch.cat([torch.zeros(3, 20).flatten(), torch.tensor([0.0, 10.0, -10.0])])  # bias: full gas
+    fitness = dream_fitness(dream, solution.expand(3, -1).contiguous(), 4, torch.arange(4).repeat(3), z, state)
+    assert torch.allclose(fitness, torch.full((3,), 7 * float(np.tanh(1.0))), atol=1e-3)
