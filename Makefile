@@ -11,7 +11,7 @@ LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= mdn
 
-.PHONY: venv test lint train iterate dream smoke bench
+.PHONY: venv test lint train iterate dream smoke bench chaos
 
 venv: $(VENV)/.installed
 
@@ -81,3 +81,8 @@ smoke: venv
 
 bench: venv
 	$(PY) benchmarks/bench.py
+
+# The kill campaign: every stage of the tiny pipeline SIGKILLed CHAOS_KILLS times at random moments, re-run, checked.
+CHAOS_KILLS ?= 20
+chaos: venv
+	$(PY) benchmarks/chaos.py --kills $(CHAOS_KILLS)

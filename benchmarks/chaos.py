@@ -1,0 +1,224 @@
+"""Kill campaign: each stage of the tiny pipeline is SIGKILLed at seeded random moments, then re-run; what is
+left is checked.
+
+Reads:  nothing (it first runs the whole tiny pipeline of smoke.py once, uninterrupted, as the reference).
+Writes: a temporary dir (removed), stdout: one markdown table, and --out FILE.json if given.
+
+Per stage and kill, the stage runs in its own process group, and the whole group (workers included) gets
+SIGKILL after a delay drawn in [5%, 95%] of the stage's uninterrupted wall-clock. Then:
+- partial files: every file under a final name in the run's dirs must load (episodes and latents through
+  their loaders, checkpoints with weights_only=True, JSON, pictures and videos by their magic bytes);
+- the re-run, without --fresh, must finish (exit 0);
+- lost work: the re-run must resume from the progress the stage's *_latest.pt held at the kill (its
+  "resuming from ...: epoch/update/generation N" line), so no more than one checkpoint interval is lost;
+- episodes: the episode files must be those of the uninterrupted run, none missing, none extra;
+- mismatches: the deterministic stages (collection, evaluation) must give the uninterrupted run's arrays
+  and returns exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+import smoke
+from episodes import list_episodes, load_episode, load_latent_episode
+from utils import UserError, run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+MAGIC = {".png": b"\x89PNG", ".gif": b"GIF8", ".mp4": b"ftyp"}
+PROGRESS = {"train_vae.py": "epoch", "train_world_model.py": "epoch", "train_ppo.py": "update",
+            "train_ppo_in_dream.py": "update", "train_cmaes_in_dream.py": "generation"}
+LATEST = {"train_vae.py": "vae_latest.pt", "train_world_model.py": "world_model_latest.pt",
+          "train_ppo.py": "ppo_latest.pt", "train_ppo_in_dream.py": "ppo_dream_latest.pt",
+          "train_cmaes_in_dream.py": "cmaes_latest.pt"}
+
+
+@dataclasses.dataclass
+class Args:
+    kills: int = 20
+    """SIGKILLs per stage"""
+    stages: tuple[str, ...] = ()
+    """scripts to kill (default: every stage of the tiny pipeline)"""
+    seed: int = 0
+    """seed of the kill moments"""
+    out: Path | None = None
+    """also write the table's rows as JSON here"""
+
+
+def tiny_pipeline(run_dir: Path) -> list[list[str]]:
+    """smoke.py's stages, plus a video of the PPO agent, in order."""
+    video = ["create_video.py", "--ckpt-dir", str(run_dir / "checkpoints"), "--controller", "ppo", "--steps", "20",
+             "--out", str(run_dir / "videos" / "agent.gif")]
+    return [*smoke.stages(run_dir), video]
+
+
+def label(command: list[str]) -> str:
+    return command[0] + (f" {command[command.index('--controller') + 1]}" if "--controller" in command else "")
+
+
+def run(command: list[str], kill_after: float | None = None) -> tuple[int | None, str, float]:
+    """Run a stage in its own process group; with KILL_AFTER, SIGKILL the group then. (returncode or None if
+    killed, stdout, seconds)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=kill_after)
+        return process.returncode, out, time.perf_counter() - start
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        return None, out, time.perf_counter() - start
+
+
+def snapshot(run_dir: Path) -> dict[str, float]:
+    """{relative path: mtime} of every file under final names (temporaries start with a dot)."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and "runs" not in p.relative_to(run_dir).parts}
+
+
+def partial_files(run_dir: Path) -> list[str]:
+    """Files under final names that do not load: each would be a half-written file."""
+    bad = []
+    for name in snapshot(run_dir):
+        path = run_dir / name
+        try:
+            if path.suffix == ".npz":
+                loader = load_latent_episode if "latents" in path.parts else load_episode
+                ok = loader(path) is not None
+            elif path.suffix == ".pt":
+                ok = isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+                ok = True
+            elif path.suffix in MAGIC:
+                ok = MAGIC[path.suffix] in path.read_bytes()[:16]
+            else:
+                ok = path.stat().st_size > 0
+        except Exception:
+            ok = False
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+def progress_at(path: Path, key: str) -> int:
+    """The progress (epoch, update, generation) a *_latest.pt holds, 0 if none."""
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True).get(key, 0))
+
+
+def episode_arrays(paths: list[Path]) -> dict[str, dict]:
+    return {p.name: load_episode(p) for p in paths}
+
+
+def same_episodes(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(all(np.array_equal(a[k][key], b[k][key]) for key in a[k]) for k in a)
+
+
+def kill_trials(command: list[str], before: Path, reference: Path, outputs: list[str], seconds: float, kills: int,
+                rng: random.Random, work: Path) -> dict:
+    """KILLS trials of one stage, each in a fresh copy of BEFORE (the run dir before the stage)."""
+    script, row = command[0], {"stage": label(command), "kills": 0, "resumed": 0, "partial": 0, "lost_work": 0,
+                               "episode_errors": 0, "mismatches": 0, "notes": []}
+    for trial in range(kills):
+        trial_dir = work / f"trial{trial}"
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        shutil.copytree(before, trial_dir)
+        trial_command = [arg.replace(str(before), str(trial_dir)) for arg in command]
+        code, _, _ = run(trial_command, kill_after=rng.uniform(0.05, 0.95) * seconds)
+        row["kills"] += code is None
+        bad = partial_files(trial_dir)
+        row["partial"] += len(bad)
+        if bad:
+            row["notes"].append(f"partial after kill: {bad[:3]}")
+        latest = trial_dir / "checkpoints" / LATEST.get(script, "-")
+        held = progress_at(latest, PROGRESS.get(script, "-")) if script in PROGRESS else 0
+        code, out, _ = run(trial_command)
+        row["resumed"] += code == 0
+        if code != 0:
+            row["notes"].append(f"re-run failed ({code}): {out.strip().splitlines()[-1:] if out.strip() else ''}")
+            continue
+        if script in PROGRESS and held:
+            started = re.search(rf"resuming from .*?: {PROGRESS[script]} (\d+)", out)
+            finished = f"already {'trained' if 'ppo' in script else 'evolved'}" in out or "nothing to do" in out
+            if not finished and (started is None or int(started.group(1)) != held):
+                row["lost_work"] += 1
+                row["notes"].append(f"held {held}, resumed from {started.group(1) if started else 'scratch'}")
+        bad = partial_files(trial_dir)
+        row["partial"] += len(bad)
+        if any(name.startswith("data/rollouts") for name in outputs):
+            got = {p.name for p in list_episodes(trial_dir / "data")}
+            want = {p.name for p in list_episodes(reference / "data")}
+            row["episode_errors"] += len(got ^ want)
+            if got == want and not same_episodes(episode_arrays(list_episodes(trial_dir / "data")),
+                                                 episode_arrays(list_episodes(reference / "data"))):
+                row["mismatches"] += 1
+        if script == "evaluate.py":
+            name = next(name for name in outputs if name.endswith(".json"))
+            got = json.loads((trial_dir / name).read_text())["returns"]
+            row["mismatches"] += got != json.loads((reference / name).read_text())["returns"]
+        shutil.rmtree(trial_dir)
+    return row
+
+
+def main(args: Args) -> None:
+    if args.kills < 1:
+        raise UserError("--kills must be at least 1")
+    rng = random.Random(args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="wm-chaos-") as tmp:
+        work, reference = Path(tmp), Path(tmp) / "reference"
+        commands = tiny_pipeline(reference)
+        unknown = set(args.stages) - {command[0] for command in commands}
+        if unknown:
+            raise UserError(f"unknown stages {sorted(unknown)}: choose from {sorted({c[0] for c in commands})}")
+        stages = []  # (command, dir before it, its outputs, seconds)
+        for command in commands:
+            before = work / f"before{len(stages)}"
+            if reference.exists():
+                shutil.copytree(reference, before)
+            else:
+                before.mkdir()
+            files = snapshot(reference) if reference.exists() else {}
+            code, out, seconds = run(command)
+            if code != 0:
+                raise UserError(f"the uninterrupted {label(command)} failed: {out.strip().splitlines()[-1:]}")
+            outputs = [name for name, mtime in snapshot(reference).items() if files.get(name) != mtime]
+            stages.append((command, before, outputs, seconds))
+            print(f"reference {label(command)}: {seconds:.1f} s, {len(outputs)} files", flush=True)
+        for command, before, outputs, seconds in stages:
+            if args.stages and command[0] not in args.stages:
+                continue
+            # the stage's command points at the reference dir: re-point it at its own copy of the dir before it
+            own = [arg.replace(str(reference), str(before)) for arg in command]
+            rows.append(kill_trials(own, before, reference, outputs, seconds, args.kills, rng, work))
+            print(f"{rows[-1]['stage']}: {rows[-1]}", flush=True)
+    print("\n| stage | kills | resumed | partial files | lost more than one interval | episodes missing or extra "
+          "| mismatches |\n|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['stage']} | {row['kills']} | {row['resumed']} | {row['partial']} | {row['lost_work']} | "
+              f"{row['episode_errors']} | {row['mismatches']} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main, Args, description=__doc__)
