@@ -64,6 +64,8 @@ EPISODE_KINDS = {"obs": "u", "action": "f", "reward": "f", "terminated": "b", "t
 def check_episode_arrays(arrays: dict) -> None:
     """Raise ValueError unless the arrays present follow the episode contract (any subset of its keys)."""
     present = [key for key in EPISODE_SHAPES if key in arrays]
+    if any(arrays[key].ndim == 0 for key in present):
+        raise ValueError("an episode's arrays have one entry per step, not a single value")
     steps = len(arrays[present[0]]) if present else 0
     if steps == 0:
         raise ValueError("an episode needs at least one step")
@@ -72,7 +74,7 @@ def check_episode_arrays(arrays: dict) -> None:
         if arrays[key].shape != expected:
             raise ValueError(f"{key} must be {expected}, got {arrays[key].shape}")
         kind = arrays[key].dtype.kind
-        if kind not in EPISODE_KINDS[key]:
+        if kind not in EPISODE_KINDS[key] or (key == "obs" and arrays[key].dtype != np.uint8):
             raise ValueError(f"{key} must be of dtype kind {EPISODE_KINDS[key]!r}, got {arrays[key].dtype}")
         if kind == "f" and not np.isfinite(arrays[key]).all():
             raise ValueError(f"{key} holds NaN or inf")

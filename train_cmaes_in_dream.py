@@ -106,6 +106,9 @@ def es_state(es: cma.CMAEvolutionStrategy) -> dict:
                 state[path] = value.item() if isinstance(value, np.generic) else value
             elif type(value) is list and all(isinstance(item, (int, float)) for item in value):
                 state[path] = list(value)
+            elif type(value) is list and all(isinstance(item, np.ndarray) and item.dtype.kind in "fiub"
+                                             for item in value):  # e.g. TPA's mean-shift directions
+                state[path] = {"arrays": [torch.from_numpy(item.copy()) for item in value]}
             elif (type(value).__module__.startswith("cma") and hasattr(value, "__dict__")
                   and not isinstance(value, dict) and id(value) not in seen):
                 walk(value, path + ".")
@@ -125,10 +128,13 @@ def restore_es(es: cma.CMAEvolutionStrategy, state: dict) -> cma.CMAEvolutionStr
         for parent in parents:
             owner = getattr(owner, parent, None)
         if owner is None:
-            continue
+            raise UserError(f"the saved CMA-ES state has {path}, which this version of cma does not: re-run with "
+                            "--fresh")
         old = getattr(owner, name, None)
         if isinstance(value, torch.Tensor):
             value = value.numpy().copy()
+        elif isinstance(value, dict):  # a list of arrays
+            value = [item.numpy().copy() for item in value["arrays"]]
         elif isinstance(old, np.generic):
             value = type(old)(value)
         setattr(owner, name, value)
@@ -170,7 +176,8 @@ def main(args: Args) -> None:
                                               config, "train_cmaes_in_dream.py")
     if checkpoint:
         saved = checkpoint["args"]
-        changed = [name for name in ("popsize", "sigma0", "seed") if saved.get(name) != getattr(args, name)]
+        changed = [name for name in ("popsize", "sigma0", "seed", "rollouts", "temperature", "max_steps", "replay",
+                                     "horizon") if saved.get(name) != getattr(args, name)]  # (the same fitness)
         if changed:
             raise UserError(f"{latest_path} was evolved with other {', '.join(changed)} "
                             f"({', '.join(f'{name}={saved.get(name)}' for name in changed)}): use the same or --fresh")
@@ -210,8 +217,8 @@ def main(args: Args) -> None:
         gen_start = time.perf_counter()
         solutions = np.array(es.ask())
         seeds = generation_seeds(args.seed, generation, args.popsize, args.rollouts)
-        z, state = (generation_starts(starts, args.seed, generation, args.popsize, args.rollouts) if starts
-                    else (None, None))
+        z, state = (generation_starts(starts, args.seed, generation, args.popsize, args.rollouts)
+                    if starts is not None else (None, None))
         fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device), args.rollouts,
                                 seeds.to(device), z, state).cpu().numpy()
         if not np.isfinite(fitness).all():

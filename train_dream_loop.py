@@ -129,6 +129,7 @@ def data_frames(data_dir: Path) -> int:
     return sum(len(ep["reward"]) * int(ep["action_repeat"]) for ep in episodes if ep is not None)
 
 
+RECORD_KEYS = ("round", "real_frames", "wall_seconds", "dream_return", "real_return")  # numbers, in every round
 RECIPE = ("data_dir", "action_repeat", "arch", "random_episodes", "episodes_per_round", "seed")  # fixed per run
 
 
@@ -140,9 +141,10 @@ def load_records(path: Path, args: Args) -> list[dict]:
     try:
         saved = json.loads(path.read_bytes())
         records, saved_args = saved["rounds"], saved["args"]
-        if not (isinstance(saved_args, dict) and isinstance(records, list)
-                and all(isinstance(record, dict) and isinstance(record.get("wall_seconds", 0.0), (int, float))
-                        for record in records)):
+        numbers = (int, float)
+        if not (isinstance(saved_args, dict) and isinstance(records, list) and all(
+                isinstance(record, dict) and all(isinstance(record.get(key), numbers) for key in RECORD_KEYS)
+                for record in records)):
             raise TypeError("not a record of rounds")
     except (ValueError, KeyError, TypeError) as error:  # (UnicodeDecodeError is a ValueError)
         raise UserError(f"{path} is damaged ({type(error).__name__}): move it away to start the loop over")

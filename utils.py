@@ -220,10 +220,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def _os_error_in(error: BaseException | None) -> OSError | None:
-    """The OSError an exception is, or was raised while handling, if any."""
-    while error is not None and not isinstance(error, OSError):
+    """The OSError an exception is, or the one a RuntimeError wraps (torch.save reports a failed write so)."""
+    while isinstance(error, RuntimeError):
         error = error.__cause__ or error.__context__
-    return error
+    return error if isinstance(error, OSError) else None
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:

@@ -195,6 +195,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
     batch_size = args.num_envs * args.rollout_steps  # decisions per update
     frames_per_update = batch_size * envs.action_repeat  # env steps (frames), what TOTAL_STEPS counts
     updates = args.total_steps // frames_per_update
+    if not 0 <= args.weight_average < 1:
+        raise UserError(f"--weight-average is a decay in [0, 1) (0: off), not {args.weight_average}")
     if updates < 1 or args.minibatches < 1 or args.update_epochs < 1:
         raise UserError(f"--total-steps ({args.total_steps}) must hold at least one rollout of --num-envs x "
                         f"--rollout-steps x action repeat ({frames_per_update}); --minibatches and --update-epochs "
@@ -215,8 +217,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                                               config, CONTROLLER_SCRIPTS[name], device, warm_start)
     if checkpoint:
         model.load_state_dict(checkpoint.get("trained_state_dict", checkpoint["state_dict"]))  # (raw, if averaged)
-        if averaged is not None and "averaged_model" in checkpoint:
-            averaged.load_state_dict(checkpoint["averaged_model"])
+        if averaged is not None and "averaged_model" in checkpoint and not checkpoint.get("warm_start"):
+            averaged.load_state_dict(checkpoint["averaged_model"])  # (a new world model starts a new average)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["reward_scaler"])
         log_dir = Path(checkpoint["log_dir"])

@@ -72,14 +72,14 @@ def label(command: list[str]) -> str:
     return command[0] + (f" {command[command.index('--controller') + 1]}" if "--controller" in command else "")
 
 
-def run(command: list[str], kill_after: float | None = None) -> tuple[int | None, str, float]:
-    """Run a stage in its own process group; with KILL_AFTER, SIGKILL the group then. (returncode or None if
-    killed, stdout, seconds)."""
+def run(command: list[str], kill_after: float | None = None, limit: float = 900) -> tuple[int | None, str, float]:
+    """Run a stage in its own process group; with KILL_AFTER, SIGKILL the group then (and at LIMIT seconds in
+    any case: a hang is a failure, not a wait). (returncode or None if killed, stdout, seconds)."""
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = process.communicate(timeout=kill_after)
+        out, _ = process.communicate(timeout=limit if kill_after is None else kill_after)
         return process.returncode, out, time.perf_counter() - start
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
@@ -120,9 +120,10 @@ def partial_files(run_dir: Path) -> list[str]:
 
 def progress_at(path: Path, key: str) -> int:
     """The progress (epoch, update, generation) a *_latest.pt holds, 0 if none."""
-    if not path.exists():
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True).get(key, 0))
+    except Exception:  # missing or damaged (a damaged one is also counted as a partial file)
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True).get(key, 0))
 
 
 def episode_arrays(paths: list[Path]) -> dict[str, dict]:

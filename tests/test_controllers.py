@@ -83,15 +83,16 @@ def test_cmaes_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
         candidates = es.ask()
         es.tell(candidates, [float(np.sum((np.asarray(x) - 1) ** 2) + np.sin(np.sum(x))) for x in candidates])
 
-    uninterrupted = new_es(8, args)
+    size = 3 * 288 + 3  # the linear controller on [z, h] of the shipped sizes: cma's lazy updates included
+    uninterrupted = new_es(size, args)
     for _ in range(6):
         generation(uninterrupted)
-    interrupted = new_es(8, args)
+    interrupted = new_es(size, args)
     for _ in range(3):
         generation(interrupted)
     save_checkpoint(tmp_path / "es.pt", {"config": {}, "state_dict": {}, "es_state": es_state(interrupted)})
     np.random.seed(12345)  # another process: numpy's generator is elsewhere
-    resumed = restore_es(new_es(8, args), load_checkpoint(tmp_path / "es.pt")["es_state"])  # weights_only
+    resumed = restore_es(new_es(size, args), load_checkpoint(tmp_path / "es.pt")["es_state"])  # weights_only
     for _ in range(3):
         generation(resumed)
     assert resumed.countiter == uninterrupted.countiter == 6

@@ -16,8 +16,8 @@ from agent import load_vae, load_world_model
 from conftest import make_episode
 from conv_vae import ConvVAE, ConvVAEConfig
 from episodes import EPISODE_KEYS, LATENT_KEYS, load_episode, load_latent_episode, save_episode
+from train_dream_loop import RECORD_KEYS, load_records
 from train_dream_loop import Args as LoopArgs
-from train_dream_loop import load_records
 from utils import UserError, save_checkpoint, stage_checkpoint
 from world_model import WorldModelConfig, build_world_model
 
@@ -65,12 +65,13 @@ def damaged_arrays(draw, original: dict, keys: list[str]) -> dict:
     or only foreign keys."""
     arrays = dict(original)
     key = draw(st.sampled_from(keys))
-    how = draw(st.sampled_from(["missing", "dtype", "shape", "length", "nan", "foreign"]))
+    how = draw(st.sampled_from(["missing", "dtype", "shape", "length", "nan", "foreign", "scalar"]))
     value = np.asarray(arrays[key])
     if how == "missing":
         del arrays[key]
     elif how == "dtype":  # of another kind (float16 for float32 is still a float: loaded, not a break)
-        others = [dtype for dtype in (np.int64, np.float16, np.bool_, "U3") if np.dtype(dtype).kind != value.dtype.kind]
+        others = [dtype for dtype in (np.int64, np.float16, np.bool_, "U3", np.uint16)
+                  if np.dtype(dtype).kind != value.dtype.kind or (key == "obs" and dtype == np.uint16)]
         arrays[key] = value.astype(draw(st.sampled_from(others)))
     elif how == "shape":
         arrays[key] = value.reshape(-1) if value.ndim > 1 else value[..., None].repeat(2, -1)
@@ -80,6 +81,8 @@ def damaged_arrays(draw, original: dict, keys: list[str]) -> dict:
         if value.dtype.kind != "f":
             key = "reward"
         arrays[key] = np.full_like(np.asarray(arrays[key]), np.nan)
+    elif how == "scalar":
+        arrays[key] = np.asarray(value.flat[0])
     else:
         arrays = {"something_else": np.zeros(3)}
     return arrays
@@ -209,7 +212,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @given(data=st.data())
 def test_a_damaged_dream_loop_record_stops_with_one_clear_error(tmp_path, data):
     args = LoopArgs(data_dir=tmp_path / "data", ckpt_dir=tmp_path)
-    valid = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": [{"round": 0, "real_frames": 10}]}
+    record = {"round": 0, "real_frames": 10, "wall_seconds": 1.0, "dream_return": 5.0, "real_return": 3.0}
+    valid = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": [record]}
     path = tmp_path / "dream_loop.json"
     how = data.draw(st.sampled_from(["bytes", "json", "rounds", "args"]))
     if how == "bytes":
@@ -223,7 +227,7 @@ def test_a_damaged_dream_loop_record_stops_with_one_clear_error(tmp_path, data):
     except UserError as error:
         assert str(path) in str(error) and "\n" not in str(error)
         return
-    assert isinstance(records, list) and all(isinstance(r, dict) for r in records)
+    assert all(isinstance(record.get(key), (int, float)) for record in records for key in RECORD_KEYS)
 
 
 def test_the_undamaged_files_load(tmp_path):
