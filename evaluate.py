@@ -5,7 +5,9 @@ Reads:  CKPT_DIR (default pretrained/)/vae.pt, world_model.pt and controller_<CO
         together).
 Writes: a JSON summary (contract): env_id, episodes, seed, mean, std, min, max, returns (in seed
         order), plus the controller, checkpoint dir, backend and wall-clock; to --out, or to
-        CKPT_DIR/eval_<CONTROLLER>.json by default.
+        CKPT_DIR/eval_<CONTROLLER>.json by default. While it runs, OUT with the suffix .partial.json holds the
+        finished tracks: a killed evaluation re-run with the same agent and settings plays only the rest
+        (wall_seconds then counts the last run only).
 
 Episodes run in parallel worker processes on the `fast` env, which is pixel-identical to stock
 CarRacing-v3 (`--env-backend gymnasium` plays the stock one). The same seed gives the same returns.
@@ -50,9 +52,9 @@ def main(args: Args) -> None:
     if args.episodes < 1 or args.workers < 1 or args.max_steps < 1 or args.noise < 0:
         raise UserError("--episodes, --workers and --max-steps must be at least 1, --noise at least 0")
     args.ckpt_dir, args.controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
-    result = evaluate_agent(args.ckpt_dir, args.controller, args.episodes, args.seed, args.workers, args.max_steps,
-                            args.env_backend, noise=args.noise)
     out = args.out or args.ckpt_dir / f"eval_{args.controller}.json"
+    result = evaluate_agent(args.ckpt_dir, args.controller, args.episodes, args.seed, args.workers, args.max_steps,
+                            args.env_backend, noise=args.noise, progress_file=out.with_suffix(".partial.json"))
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"{args.controller}: {result['mean']:.1f} ± {result['std']:.1f} over {args.episodes} tracks "
           f"(seeds {args.seed}..{args.seed + args.episodes - 1}, min {result['min']:.1f}, max {result['max']:.1f}), "

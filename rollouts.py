@@ -9,6 +9,7 @@ an episode file is one decision.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import signal
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agent import load_agent
+from agent import controller_path, load_agent
 from envs import ENV_ID, _die_with_parent, hold_actions, make_env
 from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, save_episode
-from utils import UserError, preprocess_frame
+from utils import UserError, atomic_write, file_sha256, preprocess_frame
 
 
 def road_offset(frame: np.ndarray) -> float | None:
@@ -207,11 +208,13 @@ def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int 
 
 def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000, workers: int = 2,
                   backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
-                  desc: str = "play", progress: bool = True, out_dir: Path | None = None) -> list[dict]:
+                  desc: str = "play", progress: bool = True, out_dir: Path | None = None,
+                  on_result=None) -> list[dict]:
     """Play one episode per (track seed, episode file or None) task over `workers` processes.
 
     Returns a summary (seed, steps (decisions), frames, return) per episode, in the order they finished;
     with a file name the episode is also saved there (atomically). `out_dir` is created once the inputs are checked.
+    `on_result(summaries so far)` is called as each episode finishes.
     """
     if not tasks:
         return []
@@ -231,12 +234,16 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
             for task in tasks:
                 summaries.append(_play_one(task))
                 _update_bar(bar, counter, summaries)
+                if on_result is not None:
+                    on_result(summaries)
         else:
             with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
                 results = pool.imap_unordered(_play_one, tasks)
                 while len(summaries) < len(tasks):
                     try:
                         summaries.append(results.next(timeout=0.5))
+                        if on_result is not None:
+                            on_result(summaries)
                     except mp.TimeoutError:
                         pass
                     _update_bar(bar, counter, summaries)
@@ -250,20 +257,57 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
 
 
 def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: int = 1_000_000, workers: int = 2,
-                   max_steps: int = 1000, backend: str = "fast", progress: bool = True, noise: float = 0.0) -> dict:
+                   max_steps: int = 1000, backend: str = "fast", progress: bool = True, noise: float = 0.0,
+                   progress_file: Path | None = None) -> dict:
     """Play the agent on track seeds seed..seed+episodes-1, deterministically (or with Gaussian `noise` on its
-    actions, seeded by the track: the same call gives the same returns); the evaluation contract's dict."""
+    actions, seeded by the track: the same call gives the same returns); the evaluation contract's dict.
+
+    With PROGRESS_FILE each finished episode is recorded there (atomically), and a re-run of the same
+    evaluation (same agent files and settings) plays only the tracks it lacks: a kill loses one episode per
+    worker, not the evaluation. The file is removed when the evaluation is complete."""
     load_agent(Path(ckpt_dir), controller)  # one clear error before any worker starts
     start = time.perf_counter()
-    summaries = play_episodes([(seed + i, None) for i in range(episodes)], max_steps, workers, backend, "agent",
-                              {"ckpt_dir": str(ckpt_dir), "controller": controller, "noise": noise},
-                              f"evaluate {controller}", progress)
+    identity = {"controller": controller, "seed": seed, "episodes": episodes, "max_steps": max_steps,
+                "backend": backend, "noise": noise, **{name: file_sha256(path) for name, path in (
+                    ("vae", Path(ckpt_dir) / "vae.pt"), ("world_model", Path(ckpt_dir) / "world_model.pt"),
+                    ("controller_file", controller_path(ckpt_dir, controller)))}}
+    done = _finished_episodes(progress_file, identity) if progress_file else []
+
+    def record(summaries: list[dict]) -> None:
+        atomic_write(progress_file, lambda f: f.write(json.dumps({"identity": identity,
+                                                                  "episodes": done + summaries}).encode()))
+
+    finished = {s["seed"] for s in done}
+    summaries = done + play_episodes(
+        [(seed + i, None) for i in range(episodes) if seed + i not in finished], max_steps, workers, backend,
+        "agent", {"ckpt_dir": str(ckpt_dir), "controller": controller, "noise": noise}, f"evaluate {controller}",
+        progress, on_result=record if progress_file else None)
+    if progress_file:
+        Path(progress_file).unlink(missing_ok=True)
     returns = [s["return"] for s in sorted(summaries, key=lambda s: s["seed"])]
     return {"env_id": ENV_ID, "episodes": episodes, "seed": seed, "mean": float(np.mean(returns)),
             "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
             "returns": returns, "controller": controller, "ckpt_dir": str(ckpt_dir), "env_backend": backend,
             "max_steps": max_steps, "noise": noise, "frames": int(sum(s["frames"] for s in summaries)),
             "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _finished_episodes(progress_file: Path, identity: dict) -> list[dict]:
+    """The episodes an interrupted run of the same evaluation recorded ([] if none, or another evaluation's)."""
+    try:
+        saved = json.loads(Path(progress_file).read_bytes())
+        if saved["identity"] != identity:
+            return []
+        episodes = [dict(s) for s in saved["episodes"]]
+        if not all(isinstance(s["seed"], int) and isinstance(s["return"], float) and isinstance(s["frames"], int)
+                   for s in episodes):
+            raise ValueError("not a record of episodes")
+        print(f"resuming the evaluation from {progress_file}: {len(episodes)} of {identity['episodes']} tracks done")
+        return episodes
+    except FileNotFoundError:
+        return []
+    except Exception:  # damaged: play them all again
+        return []
 
 
 def _update_bar(bar, counter, summaries: list[dict]) -> None:

@@ -196,3 +196,44 @@ def test_cmaes_with_replay_dreams_from_common_real_states_for_horizon_decisions(
     solution = torch.cat([torch.zeros(3, 20).flatten(), torch.tensor([0.0, 10.0, -10.0])])  # bias: full gas
     fitness = dream_fitness(dream, solution.expand(3, -1).contiguous(), 4, torch.arange(4).repeat(3), z, state)
     assert torch.allclose(fitness, torch.full((3,), 7 * float(np.tanh(1.0))), atol=1e-3)
+
+
+def test_a_killed_evaluation_resumes_from_its_finished_tracks(tmp_path):
+    """evaluate_agent records each finished track in its progress file; a re-run of the same evaluation plays
+    only the missing tracks (a recorded return is kept as it is), another evaluation's file is ignored, and
+    the file is gone once the evaluation is complete."""
+    from rollouts import evaluate_agent
+
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_linear_controller(ckpt, seed=3)
+    progress = tmp_path / "eval_cmaes.partial.json"
+    full = evaluate_agent(ckpt, "cmaes", episodes=3, seed=11, workers=1, max_steps=40, progress=False,
+                          progress_file=progress)
+    assert not progress.exists()
+    recorded = []
+
+    def stop_after_one(summaries):  # a kill after the first track: what the progress file holds then
+        recorded.append(json.loads(progress.read_text()))
+        raise KeyboardInterrupt
+
+    import rollouts
+
+    original = rollouts.play_episodes
+    try:
+        rollouts.play_episodes = lambda *a, **k: original(*a, **{**k, "on_result": lambda s: (k["on_result"](s),
+                                                                                               stop_after_one(s))})
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_agent(ckpt, "cmaes", episodes=3, seed=11, workers=1, max_steps=40, progress=False,
+                           progress_file=progress)
+    finally:
+        rollouts.play_episodes = original
+    saved = recorded[0]
+    assert [s["seed"] for s in saved["episodes"]] == [11]
+    saved["episodes"][0]["return"] = 12345.0  # marks the recorded track: the resume must keep, not replay, it
+    progress.write_text(json.dumps(saved))
+    resumed = evaluate_agent(ckpt, "cmaes", episodes=3, seed=11, workers=1, max_steps=40, progress=False,
+                             progress_file=progress)
+    assert resumed["returns"] == [12345.0, *full["returns"][1:]] and not progress.exists()
+    progress.write_text(json.dumps({**saved, "identity": {**saved["identity"], "noise": 0.5}}))
+    assert evaluate_agent(ckpt, "cmaes", episodes=3, seed=11, workers=1, max_steps=40, progress=False,
+                          progress_file=progress)["returns"] == full["returns"], "another evaluation's file is ignored"
