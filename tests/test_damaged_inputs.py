@@ -104,38 +104,31 @@ def assert_skipped_or_intact(result, caught, path, original: dict, keys) -> None
             np.testing.assert_array_equal(result[key], np.asarray(original[key]))
 
 
-@SETTINGS
-@given(data=st.data())
-def test_damaged_episode_files_are_skipped_with_one_warning(tmp_path, data):
-    original = valid_episode()
-    path = tmp_path / "ep.npz"
+def check_npz_loader(data, path, original: dict, damaged_keys: list[str], load, kept_keys) -> None:
+    """Write one damaged version of ORIGINAL (bytes damage, or contract damage to DAMAGED_KEYS) and load it."""
     if data.draw(st.booleans()):
         path.write_bytes(data.draw(damaged_bytes(npz_bytes(original))))
         expect_skip = False
     else:
-        path.write_bytes(npz_bytes(data.draw(damaged_arrays(original, ["obs", "action", "reward", "terminated",
-                                                                       "truncated"]))))
+        path.write_bytes(npz_bytes(data.draw(damaged_arrays(original, damaged_keys))))
         expect_skip = True
-    result, caught = load_quietly(load_episode, path)
+    result, caught = load_quietly(load, path)
     assert result is None or not expect_skip, "a file that breaks the contract must not load"
-    assert_skipped_or_intact(result, caught, path, original, EPISODE_KEYS)
+    assert_skipped_or_intact(result, caught, path, original, kept_keys)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_damaged_episode_files_are_skipped_with_one_warning(tmp_path, data):
+    check_npz_loader(data, tmp_path / "ep.npz", valid_episode(), ["obs", "action", "reward", "terminated", "truncated"],
+                     load_episode, EPISODE_KEYS)
 
 
 @SETTINGS
 @given(data=st.data())
 def test_damaged_latent_files_are_skipped_with_one_warning(tmp_path, data):
-    original = valid_latents()
-    path = tmp_path / "latent.npz"
-    if data.draw(st.booleans()):
-        path.write_bytes(data.draw(damaged_bytes(npz_bytes(original))))
-        expect_skip = False
-    else:
-        path.write_bytes(npz_bytes(data.draw(damaged_arrays(original, ["mu", "logvar", "action", "reward",
-                                                                       "terminated"]))))
-        expect_skip = True
-    result, caught = load_quietly(lambda p: load_latent_episode(p, "ab" * 32), path)
-    assert result is None or not expect_skip, "a file that breaks the contract must not load"
-    assert_skipped_or_intact(result, caught, path, original, [k for k in LATENT_KEYS if k != "vae_sha256"])
+    check_npz_loader(data, tmp_path / "latent.npz", valid_latents(), ["mu", "logvar", "action", "reward", "terminated"],
+                     lambda path: load_latent_episode(path, "ab" * 32), [k for k in LATENT_KEYS if k != "vae_sha256"])
 
 
 def tiny_checkpoints(tmp_path) -> dict:
