@@ -90,16 +90,26 @@ def is_complete_npz(path: Path) -> bool:
         return False
 
 
+def read_members(npz, keys: Sequence[str], known: Sequence[str]) -> dict:
+    """KEYS of an open npz; an optional key the file lacks (OPTIONAL_EPISODE_KEYS) gets its default. A member
+    name outside KNOWN is damage (a name garbled in the zip directory would otherwise pass for a missing
+    optional key and load its default silently): ValueError."""
+    foreign, names = set(npz.files) - set(known), npz.zip.namelist()
+    if foreign or len(set(names)) != len(names):
+        raise ValueError(f"members {sorted(names)} are not those of this contract (or repeat a name)")
+    return {key: npz[key] if key in npz or key not in OPTIONAL_EPISODE_KEYS else np.asarray(OPTIONAL_EPISODE_KEYS[key])
+            for key in keys}
+
+
 def load_episode(path: Path, keys: Sequence[str] = EPISODE_KEYS) -> dict | None:
     """Load one episode file; a corrupt, truncated or wrong-shaped one gives one warning and None.
     An optional key the file lacks (OPTIONAL_EPISODE_KEYS) gets its default."""
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:  # np.load leaks its handle on a bad zip
-            arrays = {key: npz[key] if key in npz or key not in OPTIONAL_EPISODE_KEYS
-                      else np.asarray(OPTIONAL_EPISODE_KEYS[key]) for key in keys}
+            arrays = read_members(npz, keys, (*EPISODE_KEYS, *OPTIONAL_EPISODE_KEYS))
         check_episode_arrays(arrays)
         return arrays
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    except Exception as error:  # whatever reading one file raises (zip, zlib, npy header parsing) means damage
         warnings.warn(f"skipping episode file {path}: {type(error).__name__}: {error}", stacklevel=2)
         return None
 
@@ -195,8 +205,7 @@ def load_latent_episode(path: Path, vae_sha256: str | None = None, warn: bool = 
     """A cached latent episode, or None (with a warning if `warn`) when unreadable or made by another VAE."""
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
-            arrays = {key: npz[key] if key in npz or key not in OPTIONAL_EPISODE_KEYS
-                      else np.asarray(OPTIONAL_EPISODE_KEYS[key]) for key in LATENT_KEYS}
+            arrays = read_members(npz, LATENT_KEYS, LATENT_KEYS)
         if vae_sha256 is not None and str(arrays["vae_sha256"]) != vae_sha256:
             raise ValueError("made by another VAE")
         check_episode_arrays(arrays)  # action, reward and flags: shapes, dtypes, finite
@@ -207,7 +216,7 @@ def load_latent_episode(path: Path, vae_sha256: str | None = None, warn: bool = 
         if not all(x.dtype.kind == "f" and np.isfinite(x).all() for x in (mu, logvar)):
             raise ValueError("mu and logvar must be finite floats")
         return arrays
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    except Exception as error:  # whatever reading one file raises (zip, zlib, npy header parsing) means damage
         if warn:
             warnings.warn(f"skipping latent file {path}: {type(error).__name__}: {error}", stacklevel=2)
         return None

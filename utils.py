@@ -300,6 +300,20 @@ def finish_saving(out_path: Path, latest: dict, resume_keys: Sequence[str]) -> N
                                    if key not in (*resume_keys, "out_due", "warm_start")})
 
 
+def verify_zip(path: Path) -> None:
+    """Raise unless every member of the zip at PATH reads back whole: its CRC, and its local header's name
+    against the directory's (read entry by entry: a name garbled into another member's would hide it from a
+    read by name), with no name twice."""
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if len({member.filename for member in members}) != len(members):
+            raise ValueError("a member name appears twice")
+        for member in members:
+            with archive.open(member) as data:
+                while data.read(1 << 20):
+                    pass
+
+
 def load_checkpoint(path: Path, map_location="cpu", stage_hint: str = "") -> dict:
     """Load a checkpoint dict safely (weights_only); a missing or damaged file is a UserError."""
     path = Path(path)
@@ -307,10 +321,7 @@ def load_checkpoint(path: Path, map_location="cpu", stage_hint: str = "") -> dic
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found{hint}")
     try:  # torch does not check the zip's CRCs: a flipped byte in the weights would load as other weights
-        with zipfile.ZipFile(path) as archive:
-            bad_member = archive.testzip()
-        if bad_member is not None:
-            raise ValueError(f"CRC mismatch in {bad_member}")
+        verify_zip(path)
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch and zipfile raise several types for a truncated or foreign file
         raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({type(error).__name__}){hint}")
