@@ -267,11 +267,13 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
     worker, not the evaluation. The file is removed when the evaluation is complete."""
     load_agent(Path(ckpt_dir), controller)  # one clear error before any worker starts
     start = time.perf_counter()
-    identity = {"controller": controller, "seed": seed, "episodes": episodes, "max_steps": max_steps,
-                "backend": backend, "noise": noise, **{name: file_sha256(path) for name, path in (
-                    ("vae", Path(ckpt_dir) / "vae.pt"), ("world_model", Path(ckpt_dir) / "world_model.pt"),
-                    ("controller_file", controller_path(ckpt_dir, controller)))}}
-    done = _finished_episodes(progress_file, identity) if progress_file else []
+    identity, done = None, []
+    if progress_file:  # (hashing the agent's files is only needed to match a progress file)
+        identity = {"controller": controller, "seed": seed, "episodes": episodes, "max_steps": max_steps,
+                    "backend": backend, "noise": noise, **{name: file_sha256(path) for name, path in (
+                        ("vae", Path(ckpt_dir) / "vae.pt"), ("world_model", Path(ckpt_dir) / "world_model.pt"),
+                        ("controller_file", controller_path(ckpt_dir, controller)))}}
+        done = _finished_episodes(progress_file, identity)
 
     def record(summaries: list[dict]) -> None:
         atomic_write(progress_file, lambda f: f.write(json.dumps({"identity": identity,
@@ -304,9 +306,7 @@ def _finished_episodes(progress_file: Path, identity: dict) -> list[dict]:
             raise ValueError("not a record of episodes")
         print(f"resuming the evaluation from {progress_file}: {len(episodes)} of {identity['episodes']} tracks done")
         return episodes
-    except FileNotFoundError:
-        return []
-    except Exception:  # damaged: play them all again
+    except Exception:  # none yet, or damaged: play them all
         return []
 
 
