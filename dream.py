@@ -241,12 +241,17 @@ class ReplayStarts:
     """Every state of a set of real sequences, as the agent saw it: z_t (the VAE's mean of decision t's
     frame) and the world model's recurrent state after (z_0, a_0) .. (z_{t-1}, a_{t-1}).
 
-    episodes: dicts with `mu` (T, latent) and `action` (T, 3) at the world model's clock. The states are
-    computed once (one batched cell pass over the padded episodes) and kept flat: z (N, latent) and
-    state (N, state_size) over the N real decisions. `sample(uniform)` picks starts from uniform noise.
+    episodes: dicts with `mu` (T, latent), `action` (T, 3) and `reward` (T,) at the world model's clock. The
+    states are computed once (one batched cell pass over the padded episodes) and kept flat: z (N, latent)
+    and state (N, state_size) over the N real decisions. `sample(uniform)` picks starts from uniform noise,
+    each state with probability proportional to its weight: CRITICAL_WEIGHT for the states around a loss
+    of the road (`critical_states`), 1 for the others (so > 1 practises the moments that decide a track).
     """
 
-    def __init__(self, world_model, episodes: list[dict], device="cpu", batch: int = 256):
+    def __init__(self, world_model, episodes: list[dict], device="cpu", batch: int = 256,
+                 critical_weight: float = 1.0):
+        if not critical_weight > 0:
+            raise ValueError(f"the critical states' weight must be positive, not {critical_weight}")
         zs, states = [], []
         with torch.no_grad():
             for first in range(0, len(episodes), batch):
@@ -266,15 +271,46 @@ class ReplayStarts:
                     _, state = world_model.step(mu[:, t], action[:, t], state)
         if not zs:
             raise ValueError("ReplayStarts needs at least one episode with one step")
+        # zs were gathered time-major over each group's episodes: the same order for the per-state weights
+        weights = []
+        for first in range(0, len(episodes), batch):
+            group = [np.ones(len(ep["mu"])) if critical_weight == 1 else
+                     np.where(critical_states(np.asarray(ep["reward"])), critical_weight, 1.0)
+                     for ep in episodes[first:first + batch]]
+            length = max(len(w) for w in group)
+            weights += [w[t] for t in range(length) for w in group if t < len(w)]
         self.z, self.state = torch.cat(zs), torch.cat(states)
+        self.critical_share = float(np.mean(np.asarray(weights) != 1)) if critical_weight != 1 else 0.0
+        cumulative = torch.as_tensor(np.cumsum(weights), dtype=torch.float64, device=self.z.device)
+        self.cdf = cumulative / cumulative[-1]  # (N,): state i is picked for uniform in [cdf[i - 1], cdf[i])
 
     def __len__(self) -> int:
         return len(self.z)
 
     def sample(self, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uniform (B,) in [0, 1) -> start z (B, latent) and state (B, state_size)."""
-        index = (uniform * len(self.z)).long().clamp(max=len(self.z) - 1).to(self.z.device)
+        """uniform (B,) in [0, 1) -> start z (B, latent) and state (B, state_size), drawn by weight."""
+        index = torch.searchsorted(self.cdf, uniform.to(self.cdf), right=True).clamp(max=len(self.z) - 1)
         return self.z[index], self.state[index]
+
+
+def critical_states(reward: np.ndarray, window: int = 10, before: int = 20, after: int = 10) -> np.ndarray:
+    """The decisions around each loss of the road in one real episode: (T,) bool.
+
+    reward (T,): the reward of each decision. The car is lost at t when the next WINDOW decisions earn
+    nothing (no new tile, only the time penalty, or worse); a loss starts where it was not lost the decision
+    before. The BEFORE decisions that led to each start (a hairpin taken too fast, a spin) and the AFTER
+    decisions that follow it (getting back) are critical; the tail shorter than WINDOW is never called lost.
+    """
+    steps = len(reward)
+    cumulative = np.concatenate([[0.0], np.cumsum(reward, dtype=np.float64)])
+    starts = np.arange(max(0, steps - window + 1))
+    lost = np.zeros(steps, bool)
+    lost[starts] = cumulative[starts + window] - cumulative[starts] <= 0
+    onsets = np.flatnonzero(lost & ~np.concatenate([[True], lost[:-1]]))
+    critical = np.zeros(steps, bool)
+    for onset in onsets:
+        critical[max(0, onset - before):onset + after] = True
+    return critical
 
 
 def load_replay(data_dir: Path, vae, vae_path: Path, action_repeat: int, device="cpu") -> list[dict]:

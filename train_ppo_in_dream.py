@@ -46,6 +46,9 @@ class Args(PPOArgs):
     """start dreams from states of replayed real episodes and cut them after HORIZON decisions"""
     horizon: int = 16
     """imagined decisions before a dream is cut and its value bootstrapped by the critic (with --replay)"""
+    critical_weight: float = 1.0
+    """weight of the replayed states around a real loss of the road (the 20 decisions before it and 10 after)
+    when drawing starts, against 1 for the others (with --replay)"""
     num_envs: int = 1024
     """dreams stepped together"""
     rollout_steps: int = 16
@@ -67,8 +70,8 @@ class Args(PPOArgs):
 
 def main(args: Args) -> dict:
     device = setup_stage(args)
-    if args.horizon < 1:
-        raise UserError("--horizon must be at least 1")
+    if args.horizon < 1 or not args.critical_weight > 0:
+        raise UserError("--horizon must be at least 1 and --critical-weight positive")
     vae, world_model, checkpoint = load_vae_and_world_model(args.ckpt_dir, device)
     bank = checkpoint["start_bank"]
 
@@ -83,9 +86,11 @@ def main(args: Args) -> dict:
 
     if args.replay:
         episodes = load_replay(args.data_dir, vae, args.ckpt_dir / "vae.pt", world_model.config.action_repeat, device)
-        starts = ReplayStarts(world_model, episodes, device)
+        starts = ReplayStarts(world_model, episodes, device, critical_weight=args.critical_weight)
         print(f"imagination from {len(starts):,} real states of {len(episodes)} episodes, "
-              f"{args.horizon} decisions each")
+              f"{args.horizon} decisions each" + (f"; {starts.critical_share:.1%} of the states are around a loss "
+                                                 f"of the road, drawn x{args.critical_weight:g}"
+                                                 if args.critical_weight != 1 else ""))
         envs = ImaginedFeatureEnvs(make_dream(args.num_envs), starts, args.horizon, args.seed)
     else:
         envs = DreamFeatureEnvs(make_dream(args.num_envs), args.seed)
