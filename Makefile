@@ -20,7 +20,12 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-test: venv
+# the Ray backend is an optional extra (requirements-cluster.txt); the tests run it on a cluster they start
+$(VENV)/.cluster-installed: requirements-cluster.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-cluster.txt
+	touch $@
+
+test: venv $(VENV)/.cluster-installed
 	$(PY) -m pytest -q tests
 
 # ruff (pyflakes, pycodestyle, import order; settings in pyproject.toml) over every Python file

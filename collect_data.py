@@ -22,7 +22,7 @@ import numpy as np
 from agent import ControllerName
 from episodes import list_episodes
 from rollouts import collect_episodes
-from utils import UserError, run_main
+from utils import UserError, pick_device, run_main
 
 
 @dataclass
@@ -49,6 +49,11 @@ class Args:
     """frames each random decision is held for (the world model's clock); --policy agent uses the agent's"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3, faster), gymnasium (stock) or envpool (approximate clone)"""
+    ray_address: str | None = None
+    """play the episodes on this Ray cluster (auto, or the head's HOST:PORT; pip install -r
+    requirements-cluster.txt) instead of --workers local processes; the files are written here as they come back"""
+    device: str = "cpu"
+    """where the agent's networks run (--policy agent): cpu (the reported scores), auto, cuda or cuda:N"""
 
 
 def main(args: Args) -> None:
@@ -56,10 +61,11 @@ def main(args: Args) -> None:
         raise UserError("--episodes, --max-steps, --workers and --action-repeat must be at least 1")
     start = time.perf_counter()
     seeds = range(args.seed, args.seed + args.episodes)
-    policy_kwargs = ({"ckpt_dir": str(args.ckpt_dir), "controller": args.controller, "noise": args.noise}
+    policy_kwargs = ({"ckpt_dir": str(args.ckpt_dir), "controller": args.controller, "noise": args.noise,
+                      "device": str(pick_device(args.device))}
                      if args.policy == "agent" else {"action_repeat": args.action_repeat})
     summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, args.policy,
-                                 policy_kwargs)
+                                 policy_kwargs, ray_address=args.ray_address)
     elapsed = time.perf_counter() - start
     total = len(list_episodes(args.data_dir, [args.policy]))
     if not summaries:

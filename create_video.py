@@ -28,7 +28,7 @@ from agent import ControllerName, agent_dir_and_controller, load_agent, load_vae
 from dream import BatchedDream
 from envs import make_env
 from rollouts import drive
-from utils import UserError, atomic_path, frames_grid, run_main
+from utils import UserError, atomic_path, frames_grid, pick_device, run_main
 
 
 @dataclass
@@ -55,6 +55,8 @@ class Args:
     """frames per real episode (play and grid modes)"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3) or gymnasium (stock)"""
+    device: str = "cpu"
+    """where the agent's networks run: cpu (the reported scores), auto, cuda or cuda:N"""
 
 
 def overlay(image: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -86,7 +88,7 @@ def play_frames(args: Args, agent) -> Iterator[np.ndarray]:
 
 
 def dream_frames(args: Args, agent, vae, world_model, bank) -> Iterator[np.ndarray]:
-    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 1, args.temperature)
+    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 1, args.temperature, device=agent.features.device)
     episode = 0
     while True:
         obs = dream.reset([args.seed + episode])
@@ -107,7 +109,8 @@ def grid_frames(args: Args, agent, vae, world_model, bank) -> Iterator[np.ndarra
     only ever sees its own samples and the real actions, one world-model step per decision (the agent's
     action repeat): the dream column changes on decision frames and shows what it expects there."""
     env = make_env(args.env_backend, args.max_steps)
-    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 1, args.temperature, max_steps=10**9)
+    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 1, args.temperature, max_steps=10**9,
+                         device=agent.features.device)
     try:
         track = args.seed
         while True:
@@ -154,8 +157,9 @@ def main(args: Args) -> None:
     if args.out.suffix.lower() not in (".mp4", ".gif"):
         raise UserError(f"--out {args.out}: the video must end in .mp4 or .gif")
     ckpt_dir, controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
-    agent = load_agent(ckpt_dir, controller)
-    vae, world_model, checkpoint = load_vae_and_world_model(ckpt_dir)
+    device = pick_device(args.device)
+    agent = load_agent(ckpt_dir, controller, device)
+    vae, world_model, checkpoint = load_vae_and_world_model(ckpt_dir, device)
     frames = {"play": lambda: play_frames(args, agent),
               "dream": lambda: dream_frames(args, agent, vae, world_model, checkpoint["start_bank"]),
               "grid": lambda: grid_frames(args, agent, vae, world_model, checkpoint["start_bank"])}[args.mode]()

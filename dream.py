@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +23,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from actor_critic import ACTION_HIGH, ACTION_LOW
-from agent import load_vae_and_world_model
+import cluster
+from actor_critic import ACTION_HIGH, ACTION_LOW, population_actions
+from agent import load_vae_and_world_model, load_world_model
 from episodes import encode_episodes, list_episodes, load_latent_episode
 from utils import UserError, file_sha256
 
@@ -156,6 +158,58 @@ def dream_return(dream: BatchedDream, act: Callable[[torch.Tensor], torch.Tensor
         returns += reward * alive
         alive &= ~(terminated | truncated)
     return returns
+
+
+@torch.no_grad()
+def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, seeds: torch.Tensor,
+                  z: torch.Tensor | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean dream return of each candidate: solutions (P, n), seeds (P * rollouts,) -> (P,). The dreams start
+    from the bank, or from the given z (P * rollouts, latent) and state (P * rollouts, state_size)."""
+    popsize = solutions.shape[0]
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        return population_actions(solutions, obs.view(popsize, rollouts, -1)).view(popsize * rollouts, 3)
+
+    return dream_return(dream, act, seeds, z, state).view(popsize, rollouts).mean(1)
+
+_cluster_worker: dict = {}  # per Ray worker process: the world model of the current population_fitness_on_cluster
+
+
+def _fitness_task(shared: dict, chunk: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
+    """A Ray task (cluster_map): dream_fitness of a slice of the population, candidates FIRST.. of the
+    generation, on the generation's seeds and starts (the same for every candidate, as on one machine)."""
+    first, solutions = chunk
+    if _cluster_worker.get("key") != shared["key"]:
+        cluster.worker_threads()
+        world_model, checkpoint = load_world_model(cluster.local_copy(shared["files"]) / "world_model.pt")
+        _cluster_worker.update(key=shared["key"], model=world_model, bank=checkpoint["start_bank"])
+    popsize, bank = len(solutions), _cluster_worker["bank"]
+    dream = BatchedDream(_cluster_worker["model"], bank["mu"], bank["logvar"], popsize * shared["rollouts"],
+                         shared["temperature"], shared["max_frames"])
+    z, state = ((shared["z"].repeat(popsize, 1), shared["state"].repeat(popsize, 1)) if shared["z"] is not None
+                else (None, None))
+    fitness = dream_fitness(dream, torch.as_tensor(solutions), shared["rollouts"], shared["seeds"].repeat(popsize), z,
+                            state)
+    return first, fitness.numpy()
+
+
+def population_fitness_on_cluster(address: str, world_model_path: Path, solutions: np.ndarray, rollouts: int,
+                                  seeds: torch.Tensor, temperature: float, max_frames: int,
+                                  z: torch.Tensor | None = None, state: torch.Tensor | None = None) -> np.ndarray:
+    """dream_fitness of a CMA-ES population spread over a Ray cluster: one slice of candidates per CPU, the world
+    model file shipped once per call (a generation), each slice dreaming on the same ROLLOUTS seeds (R,) and
+    starts (R, ...) that every candidate shares. solutions (P, n) -> fitness (P,), as dream_fitness gives."""
+    cluster.connect(address)
+    slices = np.array_split(np.arange(len(solutions)), min(len(solutions), cluster.cluster_cpus()))
+    shared = {"key": f"{file_sha256(world_model_path)}-{time.time_ns()}",
+              "files": cluster.ship_files([world_model_path]), "rollouts": rollouts, "seeds": seeds.cpu(),
+              "temperature": temperature, "max_frames": max_frames,
+              "z": None if z is None else z.cpu(), "state": None if state is None else state.cpu()}
+    chunks = [(int(part[0]), np.asarray(solutions[part], np.float32)) for part in slices if len(part)]
+    fitness = np.zeros(len(solutions), np.float32)
+    for _, (first, values) in cluster.cluster_map(address, _fitness_task, shared, chunks):
+        fitness[first:first + len(values)] = values
+    return fitness
 
 
 class DreamEnv(gym.Env):

@@ -23,7 +23,7 @@ from typing import Literal
 
 from agent import ControllerName, agent_dir_and_controller
 from rollouts import evaluate_agent
-from utils import UserError, atomic_write, run_main
+from utils import UserError, atomic_write, pick_device, run_main
 
 
 @dataclass
@@ -46,6 +46,11 @@ class Args:
     """JSON path (default CKPT_DIR/eval_<CONTROLLER>.json)"""
     noise: float = 0.0
     """std of Gaussian noise on the agent's actions, seeded per track (0: deterministic play, the reported scores)"""
+    ray_address: str | None = None
+    """play the episodes on this Ray cluster (auto, or the head's HOST:PORT; pip install -r
+    requirements-cluster.txt) instead of --workers local processes; the files are written here as they come back"""
+    device: str = "cpu"
+    """where the agent's networks run: cpu (the reported scores), auto, cuda or cuda:N"""
 
 
 def main(args: Args) -> None:
@@ -54,7 +59,8 @@ def main(args: Args) -> None:
     args.ckpt_dir, args.controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
     out = args.out or args.ckpt_dir / f"eval_{args.controller}.json"
     result = evaluate_agent(args.ckpt_dir, args.controller, args.episodes, args.seed, args.workers, args.max_steps,
-                            args.env_backend, noise=args.noise, progress_file=out.with_suffix(".partial.json"))
+                            args.env_backend, noise=args.noise, progress_file=out.with_suffix(".partial.json"),
+                            ray_address=args.ray_address, device=str(pick_device(args.device)))
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"{args.controller}: {result['mean']:.1f} ± {result['std']:.1f} over {args.episodes} tracks "
           f"(seeds {args.seed}..{args.seed + args.episodes - 1}, min {result['min']:.1f}, max {result['max']:.1f}), "

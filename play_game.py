@@ -23,7 +23,7 @@ from agent import ControllerName, agent_dir_and_controller, load_agent
 from envs import make_env
 from episodes import episode_path, save_episode
 from rollouts import drive, episode_from_steps
-from utils import UserError, run_main
+from utils import UserError, pick_device, run_main
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Args:
     """frames per second of the window (CarRacing's own rate is 50)"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3) or gymnasium (stock)"""
+    device: str = "cpu"
+    """where the agent's networks run: cpu (the reported scores), auto, cuda or cuda:N"""
 
 
 def check_display() -> None:
@@ -85,7 +87,7 @@ def main(args: Args) -> None:
         policy = KeyboardPolicy()
     else:
         ckpt_dir, controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
-        policy = load_agent(ckpt_dir, controller)
+        policy = load_agent(ckpt_dir, controller, pick_device(args.device))
         print(f"agent: {ckpt_dir} with controller {controller}")
     check_display()
     import pygame

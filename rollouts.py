@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cluster
 from agent import controller_path, load_agent
 from envs import ENV_ID, _die_with_parent, hold_actions, make_env
 from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, save_episode
@@ -83,8 +84,9 @@ class AgentPolicy:
     evaluation plays. It decides on every frame it is given, at its own action repeat (the env holds each
     decision for that many frames)."""
 
-    def __init__(self, ckpt_dir: str = "checkpoints", controller: str = "cmaes", noise: float = 0.0, **_unused):
-        self.agent = load_agent(Path(ckpt_dir), controller, noise=noise)
+    def __init__(self, ckpt_dir: str = "checkpoints", controller: str = "cmaes", noise: float = 0.0,
+                 device: str = "cpu", **_unused):
+        self.agent = load_agent(Path(ckpt_dir), controller, torch.device(device), noise=noise)
         self.action_repeat = self.agent.action_repeat
 
     def reset(self, seed: int) -> None:
@@ -175,6 +177,13 @@ def _count_step(frames: int) -> None:
         _worker["pending"] = 0
 
 
+def episode_summary(episode: dict) -> dict:
+    """What a caller of play_episodes gets back per episode: seed, steps (decisions), frames, return."""
+    steps = len(episode["reward"])
+    return {"seed": int(episode["seed"]), "steps": steps, "frames": steps * int(episode["action_repeat"]),
+            "return": float(episode["reward"].sum())}
+
+
 def _play_one(task: tuple[int, str | None]) -> dict:
     track_seed, path = task
     episode = rollout_episode(_worker["env"], _worker["policy"], track_seed, _worker["max_steps"], _count_step)
@@ -183,16 +192,15 @@ def _play_one(task: tuple[int, str | None]) -> dict:
     with _worker["counter"].get_lock():
         _worker["counter"].value += _worker["pending"]
     _worker["pending"] = 0
-    steps = len(episode["reward"])
-    return {"seed": track_seed, "steps": steps, "frames": steps * episode["action_repeat"],
-            "return": float(episode["reward"].sum())}
+    return episode_summary(episode)
 
 
 def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int = 1000, workers: int = 2,
                      backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
-                     source: str | None = None, progress: bool = True) -> list[dict]:
+                     source: str | None = None, progress: bool = True, ray_address: str | None = None) -> list[dict]:
     """Collect one episode file per track seed into data_dir/rollouts/<source>/, skipping complete ones.
     The random policy's action repeat is `policy_kwargs["action_repeat"]` (4 if absent); an agent uses its own.
+    With RAY_ADDRESS the episodes are played on that Ray cluster and written here (see play_episodes).
 
     Returns a summary (seed, steps, return) of each episode collected now. Safe to kill at any
     moment: files appear only when complete, and a re-run collects just the missing seeds.
@@ -203,18 +211,20 @@ def collect_episodes(data_dir: Path, track_seeds: Sequence[int], max_steps: int 
     tasks = [(seed, str(episode_path(data_dir, source, seed))) for seed in track_seeds]
     tasks = [task for task in tasks if not is_complete_npz(Path(task[1]))]
     return play_episodes(tasks, max_steps, workers, backend, policy, policy_kwargs, f"collect {source}", progress,
-                         out_dir=episode_dir(data_dir, source))
+                         out_dir=episode_dir(data_dir, source), ray_address=ray_address)
 
 
 def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000, workers: int = 2,
                   backend: str = "fast", policy: str = "random", policy_kwargs: dict | None = None,
                   desc: str = "play", progress: bool = True, out_dir: Path | None = None,
-                  on_result=None) -> list[dict]:
-    """Play one episode per (track seed, episode file or None) task over `workers` processes.
+                  on_result=None, ray_address: str | None = None) -> list[dict]:
+    """Play one episode per (track seed, episode file or None) task over `workers` processes, or with
+    RAY_ADDRESS over the CPUs of that Ray cluster (`cluster.py`).
 
     Returns a summary (seed, steps (decisions), frames, return) per episode, in the order they finished;
-    with a file name the episode is also saved there (atomically). `out_dir` is created once the inputs are checked.
-    `on_result(summaries so far)` is called as each episode finishes.
+    with a file name the episode is also saved there (atomically: by the worker, or on a cluster by this
+    process once the episode came back, so a node never writes into the driver's directory). `out_dir` is
+    created once the inputs are checked. `on_result(summaries so far)` is called as each episode finishes.
     """
     if not tasks:
         return []
@@ -222,6 +232,9 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
     make_env(backend, max_steps).close()  # ... and on a bad or missing backend
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)  # ... and on an output path that cannot be made
+    if ray_address is not None:
+        return _play_on_cluster(ray_address, tasks, max_steps, backend, policy, policy_kwargs or {}, desc, progress,
+                                on_result)
     workers = max(1, min(workers, len(tasks)))
     context = mp.get_context("spawn")  # fork after torch/threads is unsafe; spawn costs ~1 s per worker
     counter = context.Value("q", 0)
@@ -256,9 +269,59 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
     return summaries
 
 
+def _cluster_episode(shared: dict, task: tuple[int, str | None]) -> tuple[dict, dict | None]:
+    """A Ray task (cluster_map): play one episode on a cluster node; the episode itself comes back only when
+    the driver is to save it. The env and policy are built once per worker process and setting."""
+    track_seed, path = task
+    if _worker.get("key") != shared["key"]:
+        kwargs = dict(shared["policy_kwargs"])
+        if shared["agent_files"]:
+            kwargs["ckpt_dir"] = str(cluster.local_copy(shared["agent_files"]))
+        if "env" in _worker:
+            _worker["env"].close()
+        _worker.clear()
+        cluster.worker_threads()
+        _setup_worker(shared["backend"], shared["max_steps"], shared["policy"], kwargs, None)
+        _worker["key"] = shared["key"]
+    episode = rollout_episode(_worker["env"], _worker["policy"], track_seed, _worker["max_steps"])
+    return episode_summary(episode) | {"node": cluster.node_id()}, (episode if path is not None else None)
+
+
+def _play_on_cluster(address: str, tasks, max_steps: int, backend: str, policy: str, policy_kwargs: dict, desc: str,
+                     progress: bool, on_result) -> list[dict]:
+    """play_episodes on a Ray cluster: an agent's checkpoint files travel once per call; each episode is
+    saved here as it comes back, by the same atomic episode writer, once (a retried task yields once)."""
+    cluster.connect(address)  # (a cluster that cannot be reached is one line, before any progress bar)
+    agent_files = None
+    if policy == "agent":
+        ckpt_dir, controller = Path(policy_kwargs["ckpt_dir"]), policy_kwargs["controller"]
+        agent_files = cluster.ship_files([ckpt_dir / "vae.pt", ckpt_dir / "world_model.pt",
+                                          controller_path(ckpt_dir, controller)])
+    key = f"{policy}-{backend}-{max_steps}-{sorted(policy_kwargs.items())}-{time.time_ns()}"
+    shared = {"key": key, "backend": backend, "max_steps": max_steps, "policy": policy,
+              "policy_kwargs": policy_kwargs, "agent_files": agent_files}
+    summaries = []
+    bar = tqdm(total=len(tasks) * max_steps, unit="frame", desc=f"{desc} (ray)", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for (_, path), (summary, episode) in cluster.cluster_map(address, _cluster_episode, shared, tasks):
+            if path is not None:
+                save_episode(Path(path), episode)
+            summaries.append(summary)
+            bar.update(summary["frames"])
+            bar.set_postfix(episodes=len(summaries), mean_return=f"{np.mean([s['return'] for s in summaries]):.1f}",
+                            refresh=False)
+            if on_result is not None:
+                on_result(summaries)
+    finally:
+        bar.total = bar.n
+        bar.close()
+    return summaries
+
+
 def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: int = 1_000_000, workers: int = 2,
                    max_steps: int = 1000, backend: str = "fast", progress: bool = True, noise: float = 0.0,
-                   progress_file: Path | None = None) -> dict:
+                   progress_file: Path | None = None, ray_address: str | None = None, device: str = "cpu") -> dict:
     """Play the agent on track seeds seed..seed+episodes-1, deterministically (or with Gaussian `noise` on its
     actions, seeded by the track: the same call gives the same returns); the evaluation contract's dict.
 
@@ -282,8 +345,9 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
     finished = {s["seed"] for s in done}
     summaries = done + play_episodes(
         [(seed + i, None) for i in range(episodes) if seed + i not in finished], max_steps, workers, backend,
-        "agent", {"ckpt_dir": str(ckpt_dir), "controller": controller, "noise": noise}, f"evaluate {controller}",
-        progress, on_result=record if progress_file else None)
+        "agent", {"ckpt_dir": str(ckpt_dir), "controller": controller, "noise": noise, "device": device},
+        f"evaluate {controller}",
+        progress, on_result=record if progress_file else None, ray_address=ray_address)
     if progress_file:
         Path(progress_file).unlink(missing_ok=True)
     returns = [s["return"] for s in sorted(summaries, key=lambda s: s["seed"])]

@@ -26,9 +26,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actor_critic import ControllerConfig, LinearController, population_actions
+from actor_critic import ControllerConfig, LinearController
 from agent import controller_path, load_vae_and_world_model
-from dream import BatchedDream, ReplayStarts, counter_uniform, dream_return, load_replay, run_seeds
+from dream import (
+    BatchedDream,
+    ReplayStarts,
+    counter_uniform,
+    dream_fitness,
+    load_replay,
+    population_fitness_on_cluster,
+    run_seeds,
+)
 from rollouts import evaluate_agent
 from utils import (
     UserError,
@@ -64,19 +72,6 @@ class Args(ControllerStageArgs):
     """decisions per dream with --replay"""
     data_dir: Path = Path("data")
     """real episodes whose states start the dreams with --replay (DATA_DIR/rollouts/*/)"""
-
-
-@torch.no_grad()
-def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, seeds: torch.Tensor,
-                  z: torch.Tensor | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean dream return of each candidate: solutions (P, n), seeds (P * rollouts,) -> (P,). The dreams start
-    from the bank, or from the given z (P * rollouts, latent) and state (P * rollouts, state_size)."""
-    popsize = solutions.shape[0]
-
-    def act(obs: torch.Tensor) -> torch.Tensor:
-        return population_actions(solutions, obs.view(popsize, rollouts, -1)).view(popsize * rollouts, 3)
-
-    return dream_return(dream, act, seeds, z, state).view(popsize, rollouts).mean(1)
 
 
 def generation_starts(starts: ReplayStarts, run_seed: int, generation: int, popsize: int,
@@ -219,8 +214,14 @@ def main(args: Args) -> None:
         seeds = generation_seeds(args.seed, generation, args.popsize, args.rollouts)
         z, state = (generation_starts(starts, args.seed, generation, args.popsize, args.rollouts)
                     if starts is not None else (None, None))
-        fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device), args.rollouts,
-                                seeds.to(device), z, state).cpu().numpy()
+        if args.ray_address:  # the population spread over the cluster's CPUs, the same fitness
+            base = slice(0, args.rollouts)  # rollout r of every candidate shares its seed and start: ship one set
+            fitness = population_fitness_on_cluster(
+                args.ray_address, args.ckpt_dir / "world_model.pt", solutions, args.rollouts, seeds[base],
+                args.temperature, dream_frames, *((z[base], state[base]) if z is not None else ()))
+        else:
+            fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device),
+                                    args.rollouts, seeds.to(device), z, state).cpu().numpy()
         if not np.isfinite(fitness).all():
             raise UserError(f"dream fitness became non-finite at generation {generation + 1}; "
                             f"the last good checkpoint is {latest_path}")
@@ -238,7 +239,7 @@ def main(args: Args) -> None:
         save_stage(out_path, latest_path, checkpoint, {"es_state": es_state(es)})
         if args.eval_every and (generation + 1) % args.eval_every == 0:
             real = evaluate_agent(args.ckpt_dir, "cmaes", args.eval_episodes, args.eval_seed, args.workers,
-                                  progress=False)
+                                  progress=False, ray_address=args.ray_address)
             writer.add_scalar("real/mean_return", real["mean"], generation + 1)
             bar.write(f"generation {generation + 1}: real env {real['mean']:.1f} ± {real['std']:.1f} over "
                       f"{args.eval_episodes} tracks (dream best {fitness.max():.1f}, mean {fitness.mean():.1f})")

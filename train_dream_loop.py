@@ -94,6 +94,13 @@ class Args:
     """seed of every stage, and of the rounds' tracks"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3) or gymnasium for collection and checks"""
+    ray_address: str | None = None
+    """play each round's episodes and checks on this Ray cluster (auto, or the head's HOST:PORT)"""
+    device: str = "auto"
+    """where the VAE, world model and controller train: auto (CUDA when there is one), cpu, cuda or cuda:N"""
+    critical_weight: float = 1.0
+    """weight of the replayed states around a real loss of the road when imagination starts are drawn (1: uniform);
+    train_ppo_in_dream.py's flag"""
 
 
 def collect_round(args: Args, round_index: int) -> list[float]:
@@ -112,8 +119,9 @@ def collect_round(args: Args, round_index: int) -> list[float]:
     returns = []
     for seeds, policy, kwargs in batches:
         if seeds and not all(is_complete_npz(episode_path(args.data_dir, source, seed)) for seed in seeds):
+            # (an agent is only loaded when there is something to drive)
             summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, policy,
-                                         kwargs, source)  # (an agent is only loaded when there is something to drive)
+                                         kwargs, source, ray_address=args.ray_address)
             returns.append(float(np.mean([s["return"] for s in summaries])))
             how = f" (the controller, noise {kwargs['noise']})" if policy == "agent" else ""
             print(f"round {round_index}: collected {len(summaries)} episodes{how} into "
@@ -197,16 +205,17 @@ def main(args: Args) -> None:
         collect_returns = collect_round(args, round_index)
         if not (args.ckpt_dir / "vae.pt").exists():
             train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
-                                          epochs=args.vae_epochs, seed=args.seed, collect=False))
+                                          epochs=args.vae_epochs, seed=args.seed, collect=False, device=args.device))
         train_world_model.main(train_world_model.Args(
             data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir, arch=args.arch,
             epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
             reward_overshoot_weight=args.reward_overshoot_weight,
-            seed=args.seed, collect=False))
+            seed=args.seed, collect=False, device=args.device))
         ppo_args = train_ppo_in_dream.Args(
             ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,
             horizon=args.horizon, rollout_steps=args.horizon, temperature=args.temperature, seed=args.seed,
-            weight_average=args.weight_average,
+            weight_average=args.weight_average, critical_weight=args.critical_weight, ray_address=args.ray_address,
+            device=args.device,
             total_steps=args.updates_per_round * args.num_envs * args.horizon * args.action_repeat,
             eval_every=args.updates_per_round, eval_episodes=args.check_episodes, workers=args.workers,
             max_steps=args.max_steps)

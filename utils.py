@@ -66,7 +66,7 @@ class StageArgs:
     seed: int = 0
     """seed of torch, numpy and the data order"""
     device: str = "auto"
-    """auto, cpu or cuda"""
+    """auto (CUDA when there is one), cpu, cuda or cuda:N"""
     threads: int = 0
     """torch CPU threads (0: torch's default, one per core)"""
     fresh: bool = False
@@ -147,13 +147,19 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str = "auto"):
-    """`auto` takes CUDA when it is there, else the CPU; asking for CUDA without one is a UserError."""
+    """`auto` takes CUDA when it is there, else the CPU; `cuda` or `cuda:N` without such a device is a UserError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}: choose auto, cpu or cuda")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise UserError(f"unknown device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name} was asked for but torch sees no CUDA device; use --device cpu")
+        if index and int(index) >= count:
+            raise UserError(f"--device {name} was asked for but torch sees {count} CUDA device(s): cuda:0 .. "
+                            f"cuda:{count - 1}")
     return torch.device(name)
 
 

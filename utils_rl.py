@@ -118,10 +118,12 @@ class ControllerStageArgs:
     """real tracks for those checks (apart from the final evaluation's 1,000,000+)"""
     workers: int = 2
     """worker processes for the real envs (training envs and checks)"""
+    ray_address: str | None = None
+    """run the real checks (and CMA-ES's population) on this Ray cluster: auto, or the head's HOST:PORT"""
     seed: int = 0
     """seed of torch, numpy, the envs' tracks and the dreams"""
     device: str = "auto"
-    """auto, cpu or cuda"""
+    """auto (CUDA when there is one), cpu, cuda or cuda:N"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
     fresh: bool = False
@@ -303,7 +305,7 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
             save_stage(out_path, latest_path, checkpoint, resume_state)
             if args.eval_every and ((update + 1) % args.eval_every == 0 or update + 1 == updates):
                 real = evaluate_agent(args.ckpt_dir, name, args.eval_episodes, args.eval_seed, args.workers,
-                                      args.max_steps, progress=False)
+                                      args.max_steps, progress=False, ray_address=args.ray_address)
                 writer.add_scalar("eval/real_return", real["mean"], env_steps)
                 line = (f"update {update + 1}: real env {real['mean']:.1f} ± {real['std']:.1f} "
                         f"over {args.eval_episodes} tracks")

@@ -6,7 +6,7 @@ from conftest import ROOT
 
 # each module may import the models (conv_vae, world_model, actor_critic, fast_car_racing) and the modules
 # before it here, never one after it nor a script: no cycles, and the architecture reads from the file names
-MODULE_ORDER = ["utils", "episodes", "agent", "envs", "rollouts", "dream", "utils_rl"]
+MODULE_ORDER = ["utils", "cluster", "episodes", "agent", "envs", "rollouts", "dream", "utils_rl"]
 MODELS = {"conv_vae", "world_model", "actor_critic", "fast_car_racing"}
 
 
