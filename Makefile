@@ -84,8 +84,9 @@ dream: venv
 smoke: venv
 	$(PY) smoke.py --run-dir $(RUN_DIR)
 
-bench: venv
+bench: venv $(VENV)/.cluster-installed
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/ray_overhead.py
 
 # The kill campaign: every stage of the tiny pipeline SIGKILLed CHAOS_KILLS times at random moments, re-run, checked.
 CHAOS_KILLS ?= 20

@@ -70,6 +70,8 @@ class Args(ControllerStageArgs):
     in imagination does); the fitness is then the mean return of those stretches"""
     horizon: int = 50
     """decisions per dream with --replay"""
+    critical_weight: float = 1.0
+    """with --replay, weight of the real states around a loss of the road when starts are drawn (1: uniform)"""
     data_dir: Path = Path("data")
     """real episodes whose states start the dreams with --replay (DATA_DIR/rollouts/*/)"""
 
@@ -156,8 +158,8 @@ def main(args: Args) -> None:
     if min(args.generations, args.popsize, args.rollouts, args.max_steps) < 1 or args.popsize < 2:
         raise UserError("--generations, --rollouts and --max-steps must be at least 1, --popsize at least 2")
     vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
-    if args.horizon < 1:
-        raise UserError("--horizon must be at least 1")
+    if args.horizon < 1 or not args.critical_weight > 0:
+        raise UserError("--horizon must be at least 1 and --critical-weight positive")
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
                   "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
     config = ControllerConfig(kind="linear", obs_dim=world_model.controller_input_dim,
@@ -170,9 +172,9 @@ def main(args: Args) -> None:
     checkpoint = resume_controller_checkpoint(latest_path, out_path, args.fresh, identities["world_model"]["sha256"],
                                               config, "train_cmaes_in_dream.py")
     if checkpoint:
-        saved = checkpoint["args"]
+        saved = {"critical_weight": 1.0} | checkpoint["args"]  # (runs from before --critical-weight drew uniformly)
         changed = [name for name in ("popsize", "sigma0", "seed", "rollouts", "temperature", "max_steps", "replay",
-                                     "horizon") if saved.get(name) != getattr(args, name)]  # (the same fitness)
+                                     "horizon", "critical_weight") if saved.get(name) != getattr(args, name)]  # fitness
         if changed:
             raise UserError(f"{latest_path} was evolved with other {', '.join(changed)} "
                             f"({', '.join(f'{name}={saved.get(name)}' for name in changed)}): use the same or --fresh")
@@ -193,7 +195,7 @@ def main(args: Args) -> None:
     dream_frames = args.max_steps
     if args.replay:
         episodes = load_replay(args.data_dir, vae, args.ckpt_dir / "vae.pt", world_model.config.action_repeat, device)
-        starts = ReplayStarts(world_model, episodes, device)
+        starts = ReplayStarts(world_model, episodes, device, critical_weight=args.critical_weight)
         dream_frames = min(args.max_steps, args.horizon * world_model.config.action_repeat)
         print(f"dreams from {len(starts):,} replayed real states of {len(episodes)} episodes, "
               f"{args.horizon} decisions each")

@@ -104,6 +104,31 @@ def test_imagination_restarts_from_replayed_states_after_the_horizon():
     assert envs.episodes == before + 5 * 6, "a resumed run moves past the seeds it trained on"
 
 
+def test_critical_states_are_the_approach_to_a_loss_of_the_road_and_are_drawn_by_weight():
+    from dream import critical_states
+
+    # 30 decisions on the road, 20 lost (the time penalty only), 10 back on it: the loss starts where the next
+    # 10 decisions earn nothing (decision 29: one more tile, then 9 penalties), 20 before it and 10 after count
+    reward = np.r_[np.full(30, 3.0), np.full(20, -0.4), np.full(10, 3.0)].astype(np.float32)
+    assert np.flatnonzero(critical_states(reward)).tolist() == list(range(9, 39))
+    assert not critical_states(np.full(40, 3.0)).any(), "a clean lap has no critical state"
+    assert not critical_states(np.r_[np.full(40, 3.0), np.full(5, -0.4)]).any(), "a tail shorter than the window"
+
+    model = build_world_model(TINY).eval()
+    rng = np.random.default_rng(0)
+    episode = {"mu": rng.normal(size=(60, 4)).astype(np.float32), "action": rng.uniform(0, 1, (60, 3)),
+               "reward": reward}
+    uniform, weighted = ReplayStarts(model, [episode]), ReplayStarts(model, [episode], critical_weight=4.0)
+    assert torch.equal(uniform.z, weighted.z) and weighted.critical_share == 0.5
+    draws = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
+    z_to_step = {tuple(z.tolist()): step for step, z in enumerate(torch.as_tensor(episode["mu"]))}
+    for starts, expected in ((uniform, 0.5), (weighted, 4 * 30 / (4 * 30 + 30))):
+        steps = np.array([z_to_step[tuple(z.tolist())] for z in starts.sample(draws)[0]])
+        assert abs(np.mean((steps >= 9) & (steps < 39)) - expected) < 0.02
+    with pytest.raises(ValueError, match="positive"):
+        ReplayStarts(model, [episode], critical_weight=0.0)
+
+
 def test_ppo_in_imagination_learns_to_press_the_gas(tmp_path):
     from utils_rl import PPOArgs, train_ppo
 
