@@ -59,10 +59,11 @@ class Args:
 def main(args: Args) -> None:
     if args.episodes < 1 or args.max_steps < 1 or args.workers < 1 or args.action_repeat < 1:
         raise UserError("--episodes, --max-steps, --workers and --action-repeat must be at least 1")
+    device = str(pick_device(args.device))
     start = time.perf_counter()
     seeds = range(args.seed, args.seed + args.episodes)
     policy_kwargs = ({"ckpt_dir": str(args.ckpt_dir), "controller": args.controller, "noise": args.noise,
-                      "device": str(pick_device(args.device))}
+                      "device": device}
                      if args.policy == "agent" else {"action_repeat": args.action_repeat})
     summaries = collect_episodes(args.data_dir, seeds, args.max_steps, args.workers, args.env_backend, args.policy,
                                  policy_kwargs, ray_address=args.ray_address)

@@ -56,11 +56,12 @@ class Args:
 def main(args: Args) -> None:
     if args.episodes < 1 or args.workers < 1 or args.max_steps < 1 or args.noise < 0:
         raise UserError("--episodes, --workers and --max-steps must be at least 1, --noise at least 0")
+    device = str(pick_device(args.device))
     args.ckpt_dir, args.controller = agent_dir_and_controller(args.ckpt_dir, args.controller)
     out = args.out or args.ckpt_dir / f"eval_{args.controller}.json"
     result = evaluate_agent(args.ckpt_dir, args.controller, args.episodes, args.seed, args.workers, args.max_steps,
                             args.env_backend, noise=args.noise, progress_file=out.with_suffix(".partial.json"),
-                            ray_address=args.ray_address, device=str(pick_device(args.device)))
+                            ray_address=args.ray_address, device=device)
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"{args.controller}: {result['mean']:.1f} ± {result['std']:.1f} over {args.episodes} tracks "
           f"(seeds {args.seed}..{args.seed + args.episodes - 1}, min {result['min']:.1f}, max {result['max']:.1f}), "

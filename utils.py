@@ -150,8 +150,8 @@ def pick_device(name: str = "auto"):
     """`auto` takes CUDA when it is there, else the CPU; `cuda` or `cuda:N` without such a device is a UserError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
         raise UserError(f"unknown device {name!r}: choose auto, cpu, cuda or cuda:N")
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, run_script
 from envs import make_env
@@ -65,7 +66,10 @@ def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
      "unknown env backend 'nope'"),
     (["collect_data.py", "--data-dir", "{tmp}", "--episodes", "0"], "at least 1"),
     (["train_vae.py", "--data-dir", "{tmp}/empty", "--ckpt-dir", "{tmp}/ckpt", "--no-collect"], "no episodes in"),
-    (["train_vae.py", "--data-dir", "{tmp}", "--ckpt-dir", "{tmp}/ckpt", "--device", "cuda"], "no CUDA"),
+    # a CUDA device this machine lacks: any CUDA without a GPU, an index past the last one with one
+    (["train_vae.py", "--data-dir", "{tmp}", "--ckpt-dir", "{tmp}/ckpt", "--device",
+      "cuda:99" if torch.cuda.is_available() else "cuda"], "sees" if torch.cuda.is_available() else "no CUDA"),
+    (["evaluate.py", "--ckpt-dir", "{tmp}", "--device", "gpu"], "unknown device 'gpu'"),
     (["collect_data.py", "--data-dir", "/etc/hostname/data", "--episodes", "1"], "Not a directory"),
 ])
 def test_user_errors_print_one_line_and_exit_nonzero(tmp_path, args, message):

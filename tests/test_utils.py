@@ -170,3 +170,30 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
         assert temp.suffix == ".png" and not (tmp_path / "picture.png").exists()
     remove_stale_temps(tmp_path)
     assert not stale.exists() and live.exists() and (tmp_path / "picture.png").read_bytes() == b"png"
+
+
+def test_device_names_are_checked():
+    from utils import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    for name in ("gpu", "cuda:x", "cpu:0", "cuda:"):
+        with pytest.raises(UserError, match="unknown device"):
+            pick_device(name)
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:0"):
+            with pytest.raises(UserError, match="no CUDA device"):
+                pick_device(name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where there is one)")
+def test_an_agent_saved_anywhere_plays_the_same_on_cpu_and_cuda(tmp_path):
+    import numpy as np
+
+    from agent import load_agent
+    from conftest import make_checkpoint_dir, save_linear_controller
+
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_linear_controller(ckpt)
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    actions = [load_agent(ckpt, "cmaes", torch.device(device)).act(frame) for device in ("cpu", "cuda:0")]
+    np.testing.assert_allclose(actions[0], actions[1], atol=1e-4)
