@@ -28,7 +28,9 @@ from utils import UserError, atomic_write
 PROJECT_DIR = Path(__file__).resolve().parent
 # never shipped to the workers: data, logs, weights (agents travel as files in SHARED), the venv, git
 RUNTIME_EXCLUDES = ["data", "runs", "checkpoints", "pretrained", ".venv", ".git", "*.pt", "*.npz", "*.mp4", "*.gif"]
-PROBE_MODULES = ("numpy", "torch", "gymnasium", "Box2D", "cv2", "cma", "rollouts", "dream")
+PROBE_MODULES = ("numpy", "torch", "gymnasium", "pygame", "Box2D", "cv2", "cma", "rollouts", "dream")
+# the pinned packages that decide episodes and scores (requirements.txt): every node must have the driver's
+PINNED = ("numpy", "torch", "gymnasium", "pygame-ce", "Box2D", "opencv-python-headless", "cma")
 CONNECT_TIMEOUT_S = 10.0
 
 _connected: dict = {}  # the address this process joined
@@ -46,18 +48,31 @@ def _reachable(address: str) -> None:
                         "`ray start --head` and pass the address it prints") from None
 
 
-def _probe(modules: Sequence[str]) -> tuple[str, str | None]:
-    """Run on each node: its id and the first of MODULES it cannot import (None: all there)."""
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata
+
+    versions = {}
+    for name in PINNED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _probe(modules: Sequence[str]) -> tuple[str, str | None, dict]:
+    """Run on each node: its id, the first of MODULES it cannot import (None: all there), the PINNED versions."""
     import importlib
 
     import ray
 
+    node = ray.get_runtime_context().get_node_id()
     for name in modules:
         try:
             importlib.import_module(name)
         except Exception as error:  # an ImportError, or a module that fails while importing
-            return ray.get_runtime_context().get_node_id(), f"{name} ({type(error).__name__}: {error})"
-    return ray.get_runtime_context().get_node_id(), None
+            return node, f"{name} ({type(error).__name__}: {error})", {}
+    return node, None, _versions()
 
 
 def connect(address: str, modules: Sequence[str] = PROBE_MODULES) -> None:
@@ -65,6 +80,7 @@ def connect(address: str, modules: Sequence[str] = PROBE_MODULES) -> None:
     process, and check each alive node imports MODULES (the project and its packages)."""
     if _connected.get("address") == address:
         return
+    disconnect()
     try:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -85,17 +101,33 @@ def connect(address: str, modules: Sequence[str] = PROBE_MODULES) -> None:
     probes = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(list(modules))
               for node in nodes]
     try:
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=15)
+        if len(ready) < len(probes):
+            print(f"waiting for {len(probes) - len(ready)} of the {len(probes)} nodes of the Ray cluster to start a "
+                  "worker with this project's code (up to 5 minutes)", flush=True)
         results = ray.get(probes, timeout=300)
     except Exception as error:
         ray.shutdown()
         raise UserError(f"the Ray cluster at {address} could not run this project's code: "
-                        f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
-    missing = [(node, module) for node, module in results if module]
+                        f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
+    missing = [(node, module) for node, module, _ in results if module]
     if missing:
         ray.shutdown()
         node, module = missing[0]
         raise UserError(f"{len(missing)} of {len(nodes)} nodes of the Ray cluster at {address} cannot import "
                         f"{module} (node {node[:12]}): install requirements.txt on every node")
+    here = _versions()
+    other = [(node, name, version) for node, _, versions in results for name, version in versions.items()
+             if version != here[name]]
+    if other:
+        ray.shutdown()
+        node, name, version = other[0]
+        raise UserError(f"node {node[:12]} of the Ray cluster at {address} has {name} {version}, this machine "
+                        f"{here[name]}: the pinned versions decide episodes and scores, install requirements.txt "
+                        "on every node")
+    if not ray.cluster_resources().get("CPU"):
+        ray.shutdown()
+        raise UserError(f"the Ray cluster at {address} has no CPU to run tasks on (ray start --num-cpus N)")
     _connected["address"] = address
 
 
@@ -111,7 +143,7 @@ def cluster_cpus() -> int:
     """CPUs of the joined cluster, alive nodes only."""
     import ray
 
-    return int(ray.cluster_resources().get("CPU", 1))
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def node_id() -> str:
@@ -139,12 +171,13 @@ def cluster_map(address: str, fn: Callable, shared, items: Sequence, retries: in
                 item = pending.pop(ref)
                 try:
                     result = ray.get(ref)
-                except ray.exceptions.RayTaskError as error:  # fn raised: the same error the pool path raises
+                except ray.exceptions.RayTaskError as error:  # fn raised: the error the pool path raises
+                    if isinstance(error.cause, (UserError, OSError)):  # one line, as on one machine
+                        raise error.cause from None
                     raise error.as_instanceof_cause() from None
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                        ray.exceptions.ObjectLostError) as error:
-                    raise UserError(f"a Ray task failed {retries + 1} times ({type(error).__name__}); nodes keep "
-                                    "dying or running out of memory: see `ray status`") from None
+                except ray.exceptions.RayError as error:  # dead workers or nodes past the retries, memory, set-up
+                    raise UserError(f"a Ray task failed ({type(error).__name__}: "
+                                    f"{' '.join(str(error).split())[:200]}); see `ray status`") from None
                 yield item, result
     finally:
         for ref in pending:  # an interrupted map (Ctrl-C, an error) leaves nothing running on the cluster
@@ -156,17 +189,32 @@ def ship_files(paths: Sequence[Path]) -> dict[str, bytes]:
     return {Path(path).name: Path(path).read_bytes() for path in paths}
 
 
-def local_copy(files: dict[str, bytes]) -> Path:
-    """The shipped files in a directory of this machine named by their content (written once per node,
-    atomically: workers of one node share it)."""
+def content_key(files: dict[str, bytes]) -> str:
+    """A name for a set of shipped files by their names and contents: workers rebuild what they cache from
+    them only when it changes."""
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    directory = Path(tempfile.gettempdir()) / f"wm-shipped-{digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
+
+
+def local_copy(files: dict[str, bytes]) -> Path:
+    """The shipped files in a directory of this machine named by their content. Each file is stored once per
+    node by its own hash (the VAE that every check ships again is written once) and linked into the set's
+    directory; both atomically, so the workers of one node can share them."""
+    root = Path(tempfile.gettempdir()) / "wm-shipped"
+    directory = root / content_key(files)
     for name, data in files.items():
-        path = directory / name
-        if not (path.exists() and path.stat().st_size == len(data)):
-            atomic_write(path, lambda f, data=data: f.write(data))
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        if not (blob.exists() and blob.stat().st_size == len(data)):
+            atomic_write(blob, lambda f, data=data: f.write(data))
+        link = directory / name
+        if not link.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            temporary = directory / f".{name}.{os.getpid()}"
+            temporary.unlink(missing_ok=True)
+            os.link(blob, temporary)
+            os.replace(temporary, link)
     return directory
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -201,8 +200,8 @@ def population_fitness_on_cluster(address: str, world_model_path: Path, solution
     starts (R, ...) that every candidate shares. solutions (P, n) -> fitness (P,), as dream_fitness gives."""
     cluster.connect(address)
     slices = np.array_split(np.arange(len(solutions)), min(len(solutions), cluster.cluster_cpus()))
-    shared = {"key": f"{file_sha256(world_model_path)}-{time.time_ns()}",
-              "files": cluster.ship_files([world_model_path]), "rollouts": rollouts, "seeds": seeds.cpu(),
+    files = cluster.ship_files([world_model_path])
+    shared = {"key": cluster.content_key(files), "files": files, "rollouts": rollouts, "seeds": seeds.cpu(),
               "temperature": temperature, "max_frames": max_frames,
               "z": None if z is None else z.cpu(), "state": None if state is None else state.cpu()}
     chunks = [(int(part[0]), np.asarray(solutions[part], np.float32)) for part in slices if len(part)]

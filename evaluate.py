@@ -48,7 +48,7 @@ class Args:
     """std of Gaussian noise on the agent's actions, seeded per track (0: deterministic play, the reported scores)"""
     ray_address: str | None = None
     """play the episodes on this Ray cluster (auto, or the head's HOST:PORT; pip install -r
-    requirements-cluster.txt) instead of --workers local processes; the files are written here as they come back"""
+    requirements-cluster.txt) instead of --workers local processes; the JSON is written here"""
     device: str = "cpu"
     """where the agent's networks run: cpu (the reported scores), auto, cuda or cuda:N"""
 

@@ -291,13 +291,16 @@ def _play_on_cluster(address: str, tasks, max_steps: int, backend: str, policy: 
                      progress: bool, on_result) -> list[dict]:
     """play_episodes on a Ray cluster: an agent's checkpoint files travel once per call; each episode is
     saved here as it comes back, by the same atomic episode writer, once (a retried task yields once)."""
+    if policy_kwargs.get("device", "cpu") != "cpu":  # tasks hold a CPU each, not a GPU: every one would open CUDA
+        raise UserError("on a Ray cluster the agents play on the nodes' CPUs: use --device cpu with --ray-address")
     cluster.connect(address)  # (a cluster that cannot be reached is one line, before any progress bar)
     agent_files = None
     if policy == "agent":
         ckpt_dir, controller = Path(policy_kwargs["ckpt_dir"]), policy_kwargs["controller"]
         agent_files = cluster.ship_files([ckpt_dir / "vae.pt", ckpt_dir / "world_model.pt",
                                           controller_path(ckpt_dir, controller)])
-    key = f"{policy}-{backend}-{max_steps}-{sorted(policy_kwargs.items())}-{time.time_ns()}"
+    files_key = cluster.content_key(agent_files) if agent_files else "-"
+    key = f"{policy}-{backend}-{max_steps}-{sorted(policy_kwargs.items())}-{files_key}"
     shared = {"key": key, "backend": backend, "max_steps": max_steps, "policy": policy,
               "policy_kwargs": policy_kwargs, "agent_files": agent_files}
     summaries = []
@@ -333,7 +336,7 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
     identity, done = None, []
     if progress_file:  # (hashing the agent's files is only needed to match a progress file)
         identity = {"controller": controller, "seed": seed, "episodes": episodes, "max_steps": max_steps,
-                    "backend": backend, "noise": noise, **{name: file_sha256(path) for name, path in (
+                    "backend": backend, "noise": noise, "device": device, **{name: file_sha256(path) for name, path in (
                         ("vae", Path(ckpt_dir) / "vae.pt"), ("world_model", Path(ckpt_dir) / "world_model.pt"),
                         ("controller_file", controller_path(ckpt_dir, controller)))}}
         done = _finished_episodes(progress_file, identity)
@@ -354,7 +357,8 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
     return {"env_id": ENV_ID, "episodes": episodes, "seed": seed, "mean": float(np.mean(returns)),
             "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
             "returns": returns, "controller": controller, "ckpt_dir": str(ckpt_dir), "env_backend": backend,
-            "max_steps": max_steps, "noise": noise, "frames": int(sum(s["frames"] for s in summaries)),
+            "max_steps": max_steps, "noise": noise, "device": device,
+            "frames": int(sum(s["frames"] for s in summaries)),
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 

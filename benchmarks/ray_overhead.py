@@ -59,10 +59,10 @@ def main(args: Args) -> None:
         raise UserError("the Ray overhead benchmark needs Ray: pip install -r requirements-cluster.txt") from None
     start = time.perf_counter()
     head = Cluster(initialize_head=True, head_node_args={"num_cpus": args.workers, "include_dashboard": False})
-    cluster.connect(head.address)
-    startup = time.perf_counter() - start
     rates: dict[str, list[float]] = {"pool": [], "ray": []}
     try:
+        cluster.connect(head.address)
+        startup = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             for repeat in range(args.repeats):
                 for name, address in (("pool", None), ("ray", head.address)):
@@ -70,7 +70,10 @@ def main(args: Args) -> None:
                     rates[name].append(rate)
                     print(f"  {name} collection {repeat + 1}: {rate:.0f} frames/s", flush=True)
             keys = (*EPISODE_KEYS, "action_repeat")
-            for pool_path, ray_path in zip(list_episodes(Path(tmp) / "pool-0"), list_episodes(Path(tmp) / "ray-0")):
+            pool_paths, ray_paths = list_episodes(Path(tmp) / "pool-0"), list_episodes(Path(tmp) / "ray-0")
+            if [p.name for p in pool_paths] != [p.name for p in ray_paths] or len(pool_paths) != args.episodes:
+                raise SystemExit("Ray and the pool wrote different sets of episode files")
+            for pool_path, ray_path in zip(pool_paths, ray_paths):
                 pool_episode, ray_episode = load_episode(pool_path, keys), load_episode(ray_path, keys)
                 if not all(np.array_equal(pool_episode[key], ray_episode[key]) for key in keys):
                     raise SystemExit(f"the Ray episode {ray_path.name} differs from the pool's")

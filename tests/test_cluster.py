@@ -101,11 +101,19 @@ def test_cluster_evaluation_and_cmaes_fitness_match_one_machine(two_nodes, tmp_p
     np.testing.assert_allclose(fitness, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_a_cluster_that_cannot_run_the_project_is_one_line(two_nodes):
+def test_a_cluster_that_cannot_run_the_project_is_one_line(two_nodes, tmp_path, monkeypatch):
     head, _ = two_nodes
     cluster.disconnect()
     with pytest.raises(UserError, match="2 nodes .* cannot import no_such_package"):
         cluster.connect(head.address, modules=("numpy", "no_such_package"))
+    with monkeypatch.context() as patch:  # as if this machine had another numpy than the nodes
+        patch.setattr(cluster, "_versions", lambda: {name: "0.0" for name in cluster.PINNED})
+        with pytest.raises(UserError, match="has numpy .*, this machine 0.0"):
+            cluster.connect(head.address)
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_linear_controller(ckpt)
+    with pytest.raises(UserError, match="nodes' CPUs"):
+        evaluate_agent(ckpt, "cmaes", episodes=1, progress=False, ray_address=head.address, device="cuda")
 
 
 def test_an_unreachable_cluster_is_one_line(tmp_path):
