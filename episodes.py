@@ -5,6 +5,7 @@ streaming for the VAE, and each episode's VAE latents cached per VAE for the wor
 
 from __future__ import annotations
 
+import io
 import warnings
 import zipfile
 import zlib
@@ -36,8 +37,9 @@ def episode_path(data_dir: Path, source: str, track_seed: int) -> Path:
     return episode_dir(data_dir, source) / f"ep_{track_seed:07d}.npz"
 
 
-def save_episode(path: Path, episode: dict) -> None:
-    """Write one episode file (contract): compressed npz, atomically."""
+def encode_episode(episode: dict) -> bytes:
+    """One episode file's bytes (contract): a compressed npz, checked first, so a wrong episode never becomes
+    a file (a cluster node encodes, the driver writes them with save_episode)."""
     missing = set(EPISODE_KEYS) - set(episode)
     if missing:
         raise ValueError(f"episode lacks keys {sorted(missing)}")
@@ -51,7 +53,15 @@ def save_episode(path: Path, episode: dict) -> None:
         "action_repeat": np.asarray(episode.get("action_repeat", 1), dtype=np.int64),  # frames per step
     }
     check_episode_arrays(arrays)
-    atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save_episode(path: Path, episode: dict | bytes) -> None:
+    """Write one episode file atomically: from the episode, or from encode_episode's bytes."""
+    data = episode if isinstance(episode, bytes) else encode_episode(episode)
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 EPISODE_SHAPES = {"obs": (FRAME_SIZE, FRAME_SIZE, 3), "action": (3,), "reward": (), "terminated": (),

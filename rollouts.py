@@ -25,8 +25,8 @@ from tqdm import tqdm
 import cluster
 from agent import controller_path, load_agent
 from envs import ENV_ID, _die_with_parent, hold_actions, make_env
-from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, save_episode
-from utils import UserError, atomic_write, file_sha256, preprocess_frame
+from episodes import encode_episode, episode_dir, episode_path, is_complete_npz, list_episodes, save_episode
+from utils import UserError, atomic_write, file_sha256, pick_device, preprocess_frame
 
 
 def road_offset(frame: np.ndarray) -> float | None:
@@ -86,7 +86,7 @@ class AgentPolicy:
 
     def __init__(self, ckpt_dir: str = "checkpoints", controller: str = "cmaes", noise: float = 0.0,
                  device: str = "cpu", **_unused):
-        self.agent = load_agent(Path(ckpt_dir), controller, torch.device(device), noise=noise)
+        self.agent = load_agent(Path(ckpt_dir), controller, pick_device(device), noise=noise)
         self.action_repeat = self.agent.action_repeat
 
     def reset(self, seed: int) -> None:
@@ -228,6 +228,9 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
     """
     if not tasks:
         return []
+    if ray_address is not None and (policy_kwargs or {}).get("device", "cpu") != "cpu":
+        # tasks hold a CPU each, not a GPU: each would open its own CUDA context, or fail on a node without one
+        raise UserError("on a Ray cluster the agents play on the nodes' CPUs: use --device cpu with --ray-address")
     make_policy(policy, **(policy_kwargs or {}))  # fail fast on a bad policy, before any process starts
     make_env(backend, max_steps).close()  # ... and on a bad or missing backend
     if out_dir is not None:
@@ -284,15 +287,14 @@ def _cluster_episode(shared: dict, task: tuple[int, str | None]) -> tuple[dict, 
         _setup_worker(shared["backend"], shared["max_steps"], shared["policy"], kwargs, None)
         _worker["key"] = shared["key"]
     episode = rollout_episode(_worker["env"], _worker["policy"], track_seed, _worker["max_steps"])
-    return episode_summary(episode) | {"node": cluster.node_id()}, (episode if path is not None else None)
+    # the file's bytes, compressed here: a node sends ~0.3 MB, not 3 MB of frames, and the driver only writes
+    return episode_summary(episode) | {"node": cluster.node_id()}, (encode_episode(episode) if path else None)
 
 
 def _play_on_cluster(address: str, tasks, max_steps: int, backend: str, policy: str, policy_kwargs: dict, desc: str,
                      progress: bool, on_result) -> list[dict]:
     """play_episodes on a Ray cluster: an agent's checkpoint files travel once per call; each episode is
     saved here as it comes back, by the same atomic episode writer, once (a retried task yields once)."""
-    if policy_kwargs.get("device", "cpu") != "cpu":  # tasks hold a CPU each, not a GPU: every one would open CUDA
-        raise UserError("on a Ray cluster the agents play on the nodes' CPUs: use --device cpu with --ray-address")
     cluster.connect(address)  # (a cluster that cannot be reached is one line, before any progress bar)
     agent_files = None
     if policy == "agent":

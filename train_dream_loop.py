@@ -11,8 +11,9 @@ Round r (0 .. ROUNDS-1):
      EPISODES_PER_ROUND episodes of new tracks, DETERMINISTIC_SHARE of them as it is evaluated (its failures
      included) and the rest with NOISE on its actions (around its path);
   2. world model: trains on every episode so far, up to WM_EPOCHS + WM_EPOCHS_PER_ROUND * r epochs;
-  3. controller: UPDATES_PER_ROUND PPO updates in imagination started from the real states of every episode
-     (train_ppo_in_dream.py), going on from the previous round's weights;
+  3. controller: UPDATES_PER_ROUND PPO updates in imagination started from the real states of every episode,
+     those around a loss of the road drawn CRITICAL_WEIGHT times as often (train_ppo_in_dream.py), going on
+     from the previous round's weights;
   4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks.
 The real env only supplies the world model's data: the check is printed and logged, never trained on or
 used to choose; the controller shipped is the last one. A kill at any moment resumes: finished rounds are
@@ -98,9 +99,9 @@ class Args:
     """play each round's episodes and checks on this Ray cluster (auto, or the head's HOST:PORT)"""
     device: str = "auto"
     """where the VAE, world model and controller train: auto (CUDA when there is one), cpu, cuda or cuda:N"""
-    critical_weight: float = 1.0
-    """weight of the replayed states around a real loss of the road when imagination starts are drawn (1: uniform);
-    train_ppo_in_dream.py's flag"""
+    critical_weight: float = 4.0
+    """weight of the replayed states around a real loss of the road when imagination starts are drawn (1: uniform;
+    4 made the shipped run's disasters go); train_ppo_in_dream.py's flag"""
 
 
 def collect_round(args: Args, round_index: int) -> list[float]:

@@ -46,9 +46,9 @@ class Args(PPOArgs):
     """start dreams from states of replayed real episodes and cut them after HORIZON decisions"""
     horizon: int = 16
     """imagined decisions before a dream is cut and its value bootstrapped by the critic (with --replay)"""
-    critical_weight: float = 1.0
-    """weight of the replayed states around a real loss of the road (the 20 decisions before it and 10 after)
-    when drawing starts, against 1 for the others (with --replay)"""
+    critical_weight: float = 4.0
+    """weight of the replayed states around a real loss of the road (the 20 decisions before it and 10 from it)
+    when drawing starts, against 1 for the others (with --replay; 1: uniform)"""
     num_envs: int = 1024
     """dreams stepped together"""
     rollout_steps: int = 16
