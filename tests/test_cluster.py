@@ -16,8 +16,8 @@ from utils import UserError
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="the cluster tests need requirements-cluster.txt")
 
-SEEDS = range(8)
-MAX_STEPS = 120  # frames: 30 decisions of the random policy
+SEEDS = range(7)
+MAX_STEPS = 80  # frames: 20 decisions of the random policy
 
 
 @pytest.fixture(scope="module")
