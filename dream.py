@@ -171,6 +171,7 @@ def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, s
 
     return dream_return(dream, act, seeds, z, state).view(popsize, rollouts).mean(1)
 
+
 _cluster_worker: dict = {}  # per Ray worker process: the world model of the current population_fitness_on_cluster
 
 
@@ -305,36 +306,33 @@ class ReplayStarts:
                  critical_weight: float = 1.0):
         if not critical_weight > 0:
             raise ValueError(f"the critical states' weight must be positive, not {critical_weight}")
-        zs, states = [], []
+        zs, states, weights = [], [], []
         with torch.no_grad():
             for first in range(0, len(episodes), batch):
                 group = episodes[first:first + batch]
                 length = max(len(ep["mu"]) for ep in group)
                 mu = torch.zeros(len(group), length, world_model.config.latent_dim, device=device)
                 action = torch.zeros(len(group), length, world_model.config.action_dim, device=device)
+                weight = torch.ones(len(group), length, dtype=torch.float64, device=device)
                 valid = torch.zeros(len(group), length, dtype=torch.bool, device=device)
                 for row, ep in enumerate(group):
                     steps = len(ep["mu"])
                     mu[row, :steps] = torch.as_tensor(ep["mu"], device=device)
                     action[row, :steps] = torch.as_tensor(ep["action"], device=device)
+                    if critical_weight != 1:
+                        critical = torch.from_numpy(critical_states(np.asarray(ep["reward"]))).to(device)
+                        weight[row, :steps] = torch.where(critical, critical_weight, 1.0)
                     valid[row, :steps] = True
                 state = world_model.initial_state(len(group), device)
                 for t in range(length):
                     zs.append(mu[valid[:, t], t]), states.append(state[valid[:, t]])
+                    weights.append(weight[valid[:, t], t])
                     _, state = world_model.step(mu[:, t], action[:, t], state)
         if not zs:
             raise ValueError("ReplayStarts needs at least one episode with one step")
-        # zs were gathered time-major over each group's episodes: the same order for the per-state weights
-        weights = []
-        for first in range(0, len(episodes), batch):
-            group = [np.ones(len(ep["mu"])) if critical_weight == 1 else
-                     np.where(critical_states(np.asarray(ep["reward"])), critical_weight, 1.0)
-                     for ep in episodes[first:first + batch]]
-            length = max(len(w) for w in group)
-            weights += [w[t] for t in range(length) for w in group if t < len(w)]
-        self.z, self.state = torch.cat(zs), torch.cat(states)
-        self.critical_share = float(np.mean(np.asarray(weights) != 1)) if critical_weight != 1 else 0.0
-        cumulative = torch.as_tensor(np.cumsum(weights), dtype=torch.float64, device=self.z.device)
+        self.z, self.state, weights = torch.cat(zs), torch.cat(states), torch.cat(weights)
+        self.critical_share = float((weights != 1).double().mean())
+        cumulative = weights.cumsum(0)
         self.cdf = cumulative / cumulative[-1]  # (N,): state i is picked for uniform in [cdf[i - 1], cdf[i])
 
     def __len__(self) -> int:
