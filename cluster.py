@@ -75,6 +75,42 @@ def _probe(modules: Sequence[str]) -> tuple[str, str | None, dict]:
     return node, None, _versions()
 
 
+def _check_nodes(address: str, modules: Sequence[str]) -> None:
+    """Every alive node imports MODULES and has this machine's PINNED versions, and the cluster has CPUs; else a
+    UserError naming the first node that does not."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+    probes = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(list(modules))
+              for node in nodes]
+    try:
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=15)
+        if len(ready) < len(probes):
+            print(f"waiting for {len(probes) - len(ready)} of the {len(probes)} nodes of the Ray cluster to start a "
+                  "worker with this project's code (up to 5 minutes)", flush=True)
+        results = ray.get(probes, timeout=300)
+    except Exception as error:
+        raise UserError(f"the Ray cluster at {address} could not run this project's code: "
+                        f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
+    missing = [(node, module) for node, module, _ in results if module]
+    if missing:
+        node, module = missing[0]
+        raise UserError(f"{len(missing)} of {len(nodes)} nodes of the Ray cluster at {address} cannot import "
+                        f"{module} (node {node[:12]}): install requirements.txt on every node")
+    here = _versions()
+    other = [(node, name, version) for node, _, versions in results for name, version in versions.items()
+             if version != here[name]]
+    if other:
+        node, name, version = other[0]
+        raise UserError(f"node {node[:12]} of the Ray cluster at {address} has {name} {version}, this machine "
+                        f"{here[name]}: the pinned versions decide episodes and scores, install requirements.txt "
+                        "on every node")
+    if not ray.cluster_resources().get("CPU"):
+        raise UserError(f"the Ray cluster at {address} has no CPU to run tasks on (ray start --num-cpus N)")
+
+
 def connect(address: str, modules: Sequence[str] = PROBE_MODULES) -> None:
     """Join the Ray cluster at ADDRESS (`auto`: the one started on this machine, or RAY_ADDRESS) for this
     process, and check each alive node imports MODULES (the project and its packages)."""
@@ -83,7 +119,6 @@ def connect(address: str, modules: Sequence[str] = PROBE_MODULES) -> None:
     disconnect()
     try:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError:
         raise UserError("--ray-address needs Ray: pip install -r requirements-cluster.txt") from None
     if address != "auto":
@@ -96,38 +131,11 @@ def connect(address: str, modules: Sequence[str] = PROBE_MODULES) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
-    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
-    probes = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(list(modules))
-              for node in nodes]
-    try:
-        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=15)
-        if len(ready) < len(probes):
-            print(f"waiting for {len(probes) - len(ready)} of the {len(probes)} nodes of the Ray cluster to start a "
-                  "worker with this project's code (up to 5 minutes)", flush=True)
-        results = ray.get(probes, timeout=300)
-    except Exception as error:
+    try:  # a cluster this project cannot use is left at once, with one line
+        _check_nodes(address, modules)
+    except UserError:
         ray.shutdown()
-        raise UserError(f"the Ray cluster at {address} could not run this project's code: "
-                        f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
-    missing = [(node, module) for node, module, _ in results if module]
-    if missing:
-        ray.shutdown()
-        node, module = missing[0]
-        raise UserError(f"{len(missing)} of {len(nodes)} nodes of the Ray cluster at {address} cannot import "
-                        f"{module} (node {node[:12]}): install requirements.txt on every node")
-    here = _versions()
-    other = [(node, name, version) for node, _, versions in results for name, version in versions.items()
-             if version != here[name]]
-    if other:
-        ray.shutdown()
-        node, name, version = other[0]
-        raise UserError(f"node {node[:12]} of the Ray cluster at {address} has {name} {version}, this machine "
-                        f"{here[name]}: the pinned versions decide episodes and scores, install requirements.txt "
-                        "on every node")
-    if not ray.cluster_resources().get("CPU"):
-        ray.shutdown()
-        raise UserError(f"the Ray cluster at {address} has no CPU to run tasks on (ray start --num-cpus N)")
+        raise
     _connected["address"] = address
 
 
