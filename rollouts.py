@@ -249,7 +249,7 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
             _setup_worker(*init_args)
             for task in tasks:
                 summaries.append(_play_one(task))
-                _update_bar(bar, counter, summaries)
+                _update_bar(bar, counter.value, summaries)
                 if on_result is not None:
                     on_result(summaries)
         else:
@@ -262,7 +262,7 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
                             on_result(summaries)
                     except mp.TimeoutError:
                         pass
-                    _update_bar(bar, counter, summaries)
+                    _update_bar(bar, counter.value, summaries)
     finally:
         bar.total = bar.n
         bar.close()
@@ -273,8 +273,8 @@ def play_episodes(tasks: Sequence[tuple[int, str | None]], max_steps: int = 1000
 
 
 def _cluster_episode(shared: dict, task: tuple[int, str | None]) -> tuple[dict, dict | None]:
-    """A Ray task (cluster_map): play one episode on a cluster node; the episode itself comes back only when
-    the driver is to save it. The env and policy are built once per worker process and setting."""
+    """A Ray task (cluster_map): play one episode on a cluster node; its file's bytes come back only when the
+    driver is to save it. The env and policy are built once per worker process and setting."""
     track_seed, path = task
     if _worker.get("key") != shared["key"]:
         kwargs = dict(shared["policy_kwargs"])
@@ -313,9 +313,7 @@ def _play_on_cluster(address: str, tasks, max_steps: int, backend: str, policy: 
             if path is not None:
                 save_episode(Path(path), episode)
             summaries.append(summary)
-            bar.update(summary["frames"])
-            bar.set_postfix(episodes=len(summaries), mean_return=f"{np.mean([s['return'] for s in summaries]):.1f}",
-                            refresh=False)
+            _update_bar(bar, bar.n + summary["frames"], summaries)
             if on_result is not None:
                 on_result(summaries)
     finally:
@@ -380,8 +378,9 @@ def _finished_episodes(progress_file: Path, identity: dict) -> list[dict]:
         return []
 
 
-def _update_bar(bar, counter, summaries: list[dict]) -> None:
-    bar.update(counter.value - bar.n)
+def _update_bar(bar, frames: int, summaries: list[dict]) -> None:
+    """Move the bar to FRAMES played so far and show the episodes finished and their mean return."""
+    bar.update(frames - bar.n)
     if summaries:
         bar.set_postfix(episodes=len(summaries), mean_return=f"{np.mean([s['return'] for s in summaries]):.1f}",
                         refresh=False)
