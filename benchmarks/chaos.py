@@ -1,7 +1,9 @@
 """Kill campaign: each stage of the tiny pipeline is SIGKILLed at seeded random moments, then re-run; what is
 left is checked.
 
-Reads:  nothing (it first runs the whole tiny pipeline of smoke.py once, uninterrupted, as the reference).
+Reads:  nothing (it first runs the campaign's pipeline once, uninterrupted, as the reference: smoke.py's tiny
+        stages, with LONGER's flags where a stage would otherwise save a single checkpoint, plus collection by
+        the trained agent, a video and a two-round dream loop; only up to the last stage asked for).
 Writes: a temporary dir (removed), stdout: one markdown table, and --out FILE.json if given.
 
 Per stage and kill, the stage runs in its own process group, and the whole group (workers included) gets
@@ -10,8 +12,10 @@ SIGKILL after a delay drawn in [5%, 95%] of the stage's uninterrupted wall-clock
   their loaders, checkpoints with weights_only=True, JSON, pictures and videos by their magic bytes);
 - the re-run, without --fresh, must finish (exit 0);
 - lost work: the re-run must resume from the progress the stage's *_latest.pt held at the kill (its
-  "resuming from ...: epoch/update/generation N" line), so no more than one checkpoint interval is lost;
-- episodes: the episode files must be those of the uninterrupted run, none missing, none extra;
+  "resuming from ...: epoch/update/generation N" line), so no more than one checkpoint interval is lost; the
+  dream loop must resume with the rounds its dream_loop.json held ("resuming: N rounds done");
+- episodes: the episode files must be those the uninterrupted run had after the stage, none missing, none
+  extra;
 - mismatches: the deterministic stages (collection, evaluation) must give the uninterrupted run's arrays
   and returns exactly.
 """
@@ -49,27 +53,62 @@ LATEST = {"train_vae.py": "vae_latest.pt", "train_world_model.py": "world_model_
           "train_cmaes_in_dream.py": "cmaes_latest.pt"}
 
 
+# script -> flags over smoke.TINY's, so that each stage saves several times (a single save would hide lost work)
+LONGER = {
+    "collect_data": ["--episodes", "6", "--max-steps", "200"],
+    "train_vae": ["--epochs", "4"],
+    "train_world_model": ["--epochs", "6"],
+    "train_cmaes_in_dream": ["--generations", "10"],
+    "train_ppo": ["--total-steps", "512"],  # 8 updates of 2 envs x 8 decisions x 4 frames
+    "train_ppo_in_dream": ["--total-steps", "2048"],  # 8 updates of 8 dreams x 8 decisions x 4 frames
+    "evaluate": ["--episodes", "4"],
+}
+TINY_LOOP = ["--rounds", "2", "--random-episodes", "3", "--episodes-per-round", "2", "--vae-epochs", "1",
+             "--wm-epochs", "2", "--wm-epochs-per-round", "1", "--updates-per-round", "3", "--num-envs", "8",
+             "--horizon", "4", "--check-episodes", "1", "--max-steps", "60"]
+
+
 @dataclasses.dataclass
 class Args:
     kills: int = 20
     """SIGKILLs per stage"""
     stages: tuple[str, ...] = ()
-    """scripts to kill (default: every stage of the tiny pipeline)"""
+    """stages to kill, by script (collect_data.py) or label (collect_data.py agent); default: all"""
     seed: int = 0
     """seed of the kill moments"""
     out: Path | None = None
     """also write the table's rows as JSON here"""
 
 
-def tiny_pipeline(run_dir: Path) -> list[list[str]]:
-    """smoke.py's stages, plus a video of the PPO agent, in order."""
-    video = ["create_video.py", "--ckpt-dir", str(run_dir / "checkpoints"), "--controller", "ppo", "--steps", "20",
+def longer(command: list[str]) -> list[str]:
+    """COMMAND with LONGER's value for each flag LONGER sets for its script (added where COMMAND lacks it)."""
+    flags = LONGER.get(Path(command[0]).stem, [])
+    values = dict(zip(flags[::2], flags[1::2]))
+    made = [values.get(command[i - 1], arg) if i else arg for i, arg in enumerate(command)]
+    return made + [part for flag, value in values.items() if flag not in command for part in (flag, value)]
+
+
+def campaign_pipeline(run_dir: Path) -> list[list[str]]:
+    """smoke.py's stages made LONGER, collection by the trained PPO agent after train_ppo.py, a video of that
+    agent, and a two-round dream loop in its own dirs, in order."""
+    data, ckpt = str(run_dir / "data"), str(run_dir / "checkpoints")
+    commands = [longer(command) for command in smoke.stages(run_dir)]
+    agent = ["collect_data.py", "--data-dir", data, "--policy", "agent", "--ckpt-dir", ckpt, "--controller", "ppo",
+             "--episodes", "4", "--max-steps", "100", "--seed", "500"]
+    commands.insert(next(i for i, c in enumerate(commands) if c[0] == "train_ppo.py") + 1, agent)
+    video = ["create_video.py", "--ckpt-dir", ckpt, "--controller", "ppo", "--steps", "20",
              "--out", str(run_dir / "videos" / "agent.gif")]
-    return [*smoke.stages(run_dir), video]
+    loop = ["train_dream_loop.py", "--data-dir", str(run_dir / "loop_data"), "--ckpt-dir", str(run_dir / "loop"),
+            "--log-dir", str(run_dir / "runs"), *TINY_LOOP]
+    return [*commands, video, loop]
 
 
 def label(command: list[str]) -> str:
-    return command[0] + (f" {command[command.index('--controller') + 1]}" if "--controller" in command else "")
+    """The stage's name in the table: its script, and which policy collects or which controller plays."""
+    script = command[0]
+    if script == "collect_data.py":
+        return f"{script} {command[command.index('--policy') + 1] if '--policy' in command else 'random'}"
+    return script + (f" {command[command.index('--controller') + 1]}" if "--controller" in command else "")
 
 
 def run(command: list[str], kill_after: float | None = None, limit: float = 900) -> tuple[int | None, str, float]:
@@ -134,11 +173,21 @@ def same_episodes(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(all(np.array_equal(a[k][key], b[k][key]) for key in a[k]) for k in a)
 
 
-def kill_trials(command: list[str], before: Path, reference: Path, outputs: list[str], seconds: float, kills: int,
+def loop_rounds(path: Path) -> int:
+    """Finished rounds in a dream loop's record, 0 if none (or damaged: also counted as a partial file)."""
+    try:
+        return len(json.loads(path.read_text())["rounds"])
+    except Exception:
+        return 0
+
+
+def kill_trials(command: list[str], before: Path, after: Path, outputs: list[str], seconds: float, kills: int,
                 rng: random.Random, work: Path) -> dict:
-    """KILLS trials of one stage, each in a fresh copy of BEFORE (the run dir before the stage)."""
-    script, row = command[0], {"stage": label(command), "kills": 0, "resumed": 0, "partial": 0, "lost_work": 0,
-                               "episode_errors": 0, "mismatches": 0, "notes": []}
+    """KILLS trials of one stage, each in a fresh copy of BEFORE (the run dir before the stage); AFTER is the
+    uninterrupted run's dir after it."""
+    script, row = command[0], {"stage": label(command), "kills": 0, "saved": 0, "resumed": 0, "partial": 0,
+                               "lost_work": 0, "episode_errors": 0, "mismatches": 0, "notes": []}
+    files_before = snapshot(before)
     for trial in range(kills):
         trial_dir = work / f"trial{trial}"
         shutil.rmtree(trial_dir, ignore_errors=True)
@@ -146,12 +195,16 @@ def kill_trials(command: list[str], before: Path, reference: Path, outputs: list
         trial_command = [arg.replace(str(before), str(trial_dir)) for arg in command]
         code, _, _ = run(trial_command, kill_after=rng.uniform(0.05, 0.95) * seconds)
         row["kills"] += code is None
+        # the kill came after the stage had saved something (so the re-run resumes rather than starts over)
+        row["saved"] += code is None and any(files_before.get(name) != mtime
+                                             for name, mtime in snapshot(trial_dir).items())
         bad = partial_files(trial_dir)
         row["partial"] += len(bad)
         if bad:
             row["notes"].append(f"partial after kill: {bad[:3]}")
         latest = trial_dir / "checkpoints" / LATEST.get(script, "-")
         held = progress_at(latest, PROGRESS.get(script, "-")) if script in PROGRESS else 0
+        held_rounds = loop_rounds(trial_dir / "loop" / "dream_loop.json")
         code, out, _ = run(trial_command)
         row["resumed"] += code == 0
         if code != 0:
@@ -163,19 +216,22 @@ def kill_trials(command: list[str], before: Path, reference: Path, outputs: list
             if not finished and (started is None or int(started.group(1)) != held):
                 row["lost_work"] += 1
                 row["notes"].append(f"held {held}, resumed from {started.group(1) if started else 'scratch'}")
+        if script == "train_dream_loop.py" and held_rounds and f"resuming: {held_rounds} rounds done" not in out:
+            row["lost_work"] += 1
+            row["notes"].append(f"held {held_rounds} rounds, did not resume from them")
         bad = partial_files(trial_dir)
         row["partial"] += len(bad)
         if any(name.startswith("data/rollouts") for name in outputs):
             got = {p.name for p in list_episodes(trial_dir / "data")}
-            want = {p.name for p in list_episodes(reference / "data")}
+            want = {p.name for p in list_episodes(after / "data")}
             row["episode_errors"] += len(got ^ want)
             if got == want and not same_episodes(episode_arrays(list_episodes(trial_dir / "data")),
-                                                 episode_arrays(list_episodes(reference / "data"))):
+                                                 episode_arrays(list_episodes(after / "data"))):
                 row["mismatches"] += 1
         if script == "evaluate.py":
             name = next(name for name in outputs if name.endswith(".json"))
             got = json.loads((trial_dir / name).read_text())["returns"]
-            row["mismatches"] += got != json.loads((reference / name).read_text())["returns"]
+            row["mismatches"] += got != json.loads((after / name).read_text())["returns"]
         shutil.rmtree(trial_dir)
     return row
 
@@ -187,12 +243,14 @@ def main(args: Args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="wm-chaos-") as tmp:
         work, reference = Path(tmp), Path(tmp) / "reference"
-        commands = tiny_pipeline(reference)
-        unknown = set(args.stages) - {command[0] for command in commands}
+        commands = campaign_pipeline(reference)
+        names = {name for command in commands for name in (command[0], label(command))}
+        unknown = set(args.stages) - names
         if unknown:
-            raise UserError(f"unknown stages {sorted(unknown)}: choose from {sorted({c[0] for c in commands})}")
+            raise UserError(f"unknown stages {sorted(unknown)}: choose from {sorted(names)}")
+        wanted = [i for i, c in enumerate(commands) if not args.stages or {c[0], label(c)} & set(args.stages)]
         stages = []  # (command, dir before it, its outputs, seconds)
-        for command in commands:
+        for command in commands[:wanted[-1] + 1]:  # the reference run stops after the last stage asked for
             before = work / f"before{len(stages)}"
             if reference.exists():
                 shutil.copytree(reference, before)
@@ -205,18 +263,19 @@ def main(args: Args) -> None:
             outputs = [name for name, mtime in snapshot(reference).items() if files.get(name) != mtime]
             stages.append((command, before, outputs, seconds))
             print(f"reference {label(command)}: {seconds:.1f} s, {len(outputs)} files", flush=True)
-        for command, before, outputs, seconds in stages:
-            if args.stages and command[0] not in args.stages:
-                continue
+        for index in wanted:
+            command, before, outputs, seconds = stages[index]
+            after = stages[index + 1][1] if index + 1 < len(stages) else reference
             # the stage's command points at the reference dir: re-point it at its own copy of the dir before it
             own = [arg.replace(str(reference), str(before)) for arg in command]
-            rows.append(kill_trials(own, before, reference, outputs, seconds, args.kills, rng, work))
+            rows.append(kill_trials(own, before, after, outputs, seconds, args.kills, rng, work))
             print(f"{rows[-1]['stage']}: {rows[-1]}", flush=True)
-    print("\n| stage | kills | resumed | partial files | lost more than one interval | episodes missing or extra "
-          "| mismatches |\n|---|---|---|---|---|---|---|")
+    print(f"\n{args.kills} kills per stage\n\n| stage | killed before the end | of them after a save | resumed "
+          "| partial files | lost more than one interval | episodes missing or extra | mismatches |\n"
+          "|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['stage']} | {row['kills']} | {row['resumed']} | {row['partial']} | {row['lost_work']} | "
-              f"{row['episode_errors']} | {row['mismatches']} |")
+        print(f"| {row['stage']} | {row['kills']} | {row['saved']} | {row['resumed']} | {row['partial']} | "
+              f"{row['lost_work']} | {row['episode_errors']} | {row['mismatches']} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 
