@@ -53,15 +53,16 @@ LATEST = {"train_vae.py": "vae_latest.pt", "train_world_model.py": "world_model_
           "train_cmaes_in_dream.py": "cmaes_latest.pt"}
 
 
-# script -> flags over smoke.TINY's, so that each stage saves several times (a single save would hide lost work)
+# script -> flags over smoke.TINY's, so that each stage saves many times (a single save would hide lost work): each
+# stage then runs ~8-22 s here, most of it after its first save
 LONGER = {
-    "collect_data": ["--episodes", "6", "--max-steps", "200"],
+    "collect_data": ["--episodes", "10", "--max-steps", "200"],
     "train_vae": ["--epochs", "4"],
-    "train_world_model": ["--epochs", "6"],
-    "train_cmaes_in_dream": ["--generations", "10"],
-    "train_ppo": ["--total-steps", "512"],  # 8 updates of 2 envs x 8 decisions x 4 frames
-    "train_ppo_in_dream": ["--total-steps", "2048"],  # 8 updates of 8 dreams x 8 decisions x 4 frames
-    "evaluate": ["--episodes", "4"],
+    "train_world_model": ["--epochs", "60"],
+    "train_cmaes_in_dream": ["--generations", "100"],
+    "train_ppo": ["--total-steps", "1536"],  # 24 updates of 2 envs x 8 decisions x 4 frames
+    "train_ppo_in_dream": ["--total-steps", "8192"],  # 32 updates of 8 dreams x 8 decisions x 4 frames
+    "evaluate": ["--episodes", "8"],
 }
 TINY_LOOP = ["--rounds", "2", "--random-episodes", "3", "--episodes-per-round", "2", "--vae-epochs", "1",
              "--wm-epochs", "2", "--wm-epochs-per-round", "1", "--updates-per-round", "3", "--num-envs", "8",
@@ -94,7 +95,7 @@ def campaign_pipeline(run_dir: Path) -> list[list[str]]:
     data, ckpt = str(run_dir / "data"), str(run_dir / "checkpoints")
     commands = [longer(command) for command in smoke.stages(run_dir)]
     agent = ["collect_data.py", "--data-dir", data, "--policy", "agent", "--ckpt-dir", ckpt, "--controller", "ppo",
-             "--episodes", "4", "--max-steps", "100", "--seed", "500"]
+             "--episodes", "8", "--max-steps", "200", "--seed", "500"]
     commands.insert(next(i for i, c in enumerate(commands) if c[0] == "train_ppo.py") + 1, agent)
     video = ["create_video.py", "--ckpt-dir", ckpt, "--controller", "ppo", "--steps", "20",
              "--out", str(run_dir / "videos" / "agent.gif")]
