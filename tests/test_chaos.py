@@ -1,4 +1,5 @@
-"""The short kill campaign: `make chaos` runs 20 kills on every stage; `make test` runs 2 on the first two."""
+"""The short kill campaign: `make chaos` runs 20 kills on every stage; `make test` runs 3 on collection, the stage
+whose result must be exactly the uninterrupted one (the others' resumes have their own tests, and ~20 s each here)."""
 
 import json
 import sys
@@ -14,13 +15,11 @@ import chaos  # noqa: E402
 
 def test_a_short_kill_campaign_leaves_nothing_partial_lost_or_different(tmp_path):
     out = tmp_path / "rows.json"
-    chaos.main(chaos.Args(kills=2, stages=("collect_data.py random", "train_vae.py"), seed=1, out=out))
-    rows = json.loads(out.read_text())
-    assert [row["stage"] for row in rows] == ["collect_data.py random", "train_vae.py"]
-    for row in rows:
-        assert row["resumed"] == 2, row["notes"]
-        assert row["partial"] == row["lost_work"] == row["episode_errors"] == row["mismatches"] == 0, row["notes"]
-    assert sum(row["kills"] for row in rows) >= 2, "most kills land before the stage ends"
+    chaos.main(chaos.Args(kills=3, stages=("collect_data.py random",), seed=1, out=out))
+    [row] = json.loads(out.read_text())
+    assert row["stage"] == "collect_data.py random" and row["resumed"] == 3, row["notes"]
+    assert row["partial"] == row["lost_work"] == row["episode_errors"] == row["mismatches"] == 0, row["notes"]
+    assert row["kills"] >= 2, "most kills land before the stage ends"
 
 
 def test_the_campaign_names_its_stages_and_refuses_unknown_ones(tmp_path):

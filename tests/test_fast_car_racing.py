@@ -62,7 +62,6 @@ def test_the_pinned_versions_are_the_verified_ones():
     (0, "brownian", "left_playfield"),  # wanders off the track and out of the map at step ~235
     (1, "pilot", "lap_finished"),       # a whole lap, ends at step ~650
     (2, "mixed", "full_length"),        # 300 steps of wandering on grass, then back to the road, 1000 steps
-    (5, "brownian", None),
 ])
 def test_fast_env_equals_stock(seed, driver, expect):
     outcome = play_side_by_side(seed, driver)
