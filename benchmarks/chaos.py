@@ -7,7 +7,8 @@ Reads:  nothing (it first runs the campaign's pipeline once, uninterrupted, as t
 Writes: a temporary dir (removed), stdout: one markdown table, and --out FILE.json if given.
 
 Per stage and kill, the stage runs in its own process group, and the whole group (workers included) gets
-SIGKILL after a delay drawn in [5%, 95%] of the stage's uninterrupted wall-clock. Then:
+SIGKILL after a delay drawn in [5%, 95%] of the stage's uninterrupted wall-clock (the shortest seen: a trial that
+ends before its kill shortens it), trial after trial until KILLS kills landed before the stage's end. Then:
 - partial files: every file under a final name in the run's dirs must load (episodes and latents through
   their loaders, checkpoints with weights_only=True, JSON, pictures and videos by their magic bytes);
 - the re-run, without --fresh, must finish (exit 0);
@@ -64,6 +65,7 @@ LONGER = {
     "train_ppo_in_dream": ["--total-steps", "8192"],  # 32 updates of 8 dreams x 8 decisions x 4 frames
     "evaluate": ["--episodes", "8"],
 }
+MAX_TRIALS = 3  # trials per kill asked for, at most (a trial ends uninterrupted when its kill comes too late)
 TINY_LOOP = ["--rounds", "2", "--random-episodes", "3", "--episodes-per-round", "2", "--vae-epochs", "1",
              "--wm-epochs", "2", "--wm-epochs-per-round", "1", "--updates-per-round", "3", "--num-envs", "8",
              "--horizon", "4", "--check-episodes", "1", "--max-steps", "60"]
@@ -184,18 +186,24 @@ def loop_rounds(path: Path) -> int:
 
 def kill_trials(command: list[str], before: Path, after: Path, outputs: list[str], seconds: float, kills: int,
                 rng: random.Random, work: Path) -> dict:
-    """KILLS trials of one stage, each in a fresh copy of BEFORE (the run dir before the stage); AFTER is the
-    uninterrupted run's dir after it."""
-    script, row = command[0], {"stage": label(command), "kills": 0, "saved": 0, "resumed": 0, "partial": 0,
+    """Trials of one stage, each in a fresh copy of BEFORE (the run dir before the stage), until KILLS of them were
+    killed before the stage ended (MAX_TRIALS x KILLS trials at most); AFTER is the uninterrupted run's dir after
+    it."""
+    script, row = command[0], {"stage": label(command), "trials": 0, "kills": 0, "saved": 0, "resumed": 0, "partial": 0,
                                "lost_work": 0, "episode_errors": 0, "mismatches": 0, "notes": []}
     files_before = snapshot(before)
-    for trial in range(kills):
+    for trial in range(MAX_TRIALS * kills):  # until KILLS kills landed before the stage's end
+        if row["kills"] == kills:
+            break
+        row["trials"] += 1
         trial_dir = work / f"trial{trial}"
         shutil.rmtree(trial_dir, ignore_errors=True)
         shutil.copytree(before, trial_dir)
         trial_command = [arg.replace(str(before), str(trial_dir)) for arg in command]
-        code, _, _ = run(trial_command, kill_after=rng.uniform(0.05, 0.95) * seconds)
+        code, _, took = run(trial_command, kill_after=rng.uniform(0.05, 0.95) * seconds)
         row["kills"] += code is None
+        if code is not None:  # it ended before the kill: the reference run was slower, draw from this one's span
+            seconds = min(seconds, took)
         # the kill came after the stage had saved something (so the re-run resumes rather than starts over)
         row["saved"] += code is None and any(files_before.get(name) != mtime
                                              for name, mtime in snapshot(trial_dir).items())
@@ -271,12 +279,12 @@ def main(args: Args) -> None:
             own = [arg.replace(str(reference), str(before)) for arg in command]
             rows.append(kill_trials(own, before, after, outputs, seconds, args.kills, rng, work))
             print(f"{rows[-1]['stage']}: {rows[-1]}", flush=True)
-    print(f"\n{args.kills} kills per stage\n\n| stage | killed before the end | of them after a save | resumed "
-          "| partial files | lost more than one interval | episodes missing or extra | mismatches |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(f"\n{args.kills} kills per stage\n\n| stage | trials | killed before the end | of them after a save "
+          "| resumed | partial files | lost more than one interval | episodes missing or extra | mismatches |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['stage']} | {row['kills']} | {row['saved']} | {row['resumed']} | {row['partial']} | "
-              f"{row['lost_work']} | {row['episode_errors']} | {row['mismatches']} |")
+        print(f"| {row['stage']} | {row['trials']} | {row['kills']} | {row['saved']} | {row['resumed']} | "
+              f"{row['partial']} | {row['lost_work']} | {row['episode_errors']} | {row['mismatches']} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 
