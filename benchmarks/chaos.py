@@ -1,5 +1,5 @@
-"""Kill campaign: each stage of the tiny pipeline is SIGKILLed at seeded random moments, then re-run; what is
-left is checked.
+"""Kill campaign: each stage that writes is SIGKILLed at seeded random moments, then re-run; what is left is
+checked.
 
 Reads:  nothing (it first runs the campaign's pipeline once, uninterrupted, as the reference: smoke.py's tiny
         stages, with LONGER's flags where a stage would otherwise save a single checkpoint, plus collection by
@@ -55,7 +55,7 @@ LATEST = {"train_vae.py": "vae_latest.pt", "train_world_model.py": "world_model_
 
 
 # script -> flags over smoke.TINY's, so that each stage saves many times (a single save would hide lost work): each
-# stage then runs ~8-22 s here, most of it after its first save
+# stage then runs ~5-26 s here, most of it after its first save
 LONGER = {
     "collect_data": ["--episodes", "10", "--max-steps", "200"],
     "train_vae": ["--epochs", "4"],
@@ -213,7 +213,7 @@ def kill_trials(command: list[str], before: Path, after: Path, outputs: list[str
             row["notes"].append(f"partial after kill: {bad[:3]}")
         latest = trial_dir / "checkpoints" / LATEST.get(script, "-")
         held = progress_at(latest, PROGRESS.get(script, "-")) if script in PROGRESS else 0
-        held_rounds = loop_rounds(trial_dir / "loop" / "dream_loop.json")
+        held_rounds = loop_rounds(trial_dir / "loop" / "dream_loop.json") if script == "train_dream_loop.py" else 0
         code, out, _ = run(trial_command)
         row["resumed"] += code == 0
         if code != 0:
@@ -225,7 +225,7 @@ def kill_trials(command: list[str], before: Path, after: Path, outputs: list[str
             if not finished and (started is None or int(started.group(1)) != held):
                 row["lost_work"] += 1
                 row["notes"].append(f"held {held}, resumed from {started.group(1) if started else 'scratch'}")
-        if script == "train_dream_loop.py" and held_rounds and f"resuming: {held_rounds} rounds done" not in out:
+        if held_rounds and f"resuming: {held_rounds} rounds done" not in out:
             row["lost_work"] += 1
             row["notes"].append(f"held {held_rounds} rounds, did not resume from them")
         bad = partial_files(trial_dir)
