@@ -53,14 +53,21 @@ def stages(run_dir: Path) -> list[list[str]]:
               for name in ("cmaes", "ppo", "ppo_dream"))]
 
 
+def label(command: list[str]) -> str:
+    """A stage's name in tables: its script, and which policy collects or which controller plays."""
+    script = command[0]
+    if script == "collect_data.py":
+        return f"{script} {command[command.index('--policy') + 1] if '--policy' in command else 'random'}"
+    return script + (f" {command[command.index('--controller') + 1]}" if "--controller" in command else "")
+
+
 def main(args: Args) -> None:
     for command in stages(args.run_dir):
         start = time.perf_counter()
         result = subprocess.run([sys.executable, *command], cwd=ROOT)
         if result.returncode != 0:
             raise UserError(f"{' '.join(command)} failed (exit {result.returncode})")
-        label = command[0] + (f" {command[command.index('--controller') + 1]}" if "--controller" in command else "")
-        print(f"smoke: {label} {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"smoke: {label(command)} {time.perf_counter() - start:.1f} s", flush=True)
     print(f"smoke: every stage ran; files in {args.run_dir}")
 
 

@@ -43,6 +43,7 @@ import torch
 
 import smoke
 from episodes import list_episodes, load_episode, load_latent_episode
+from smoke import label
 from utils import UserError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,14 +105,6 @@ def campaign_pipeline(run_dir: Path) -> list[list[str]]:
     loop = ["train_dream_loop.py", "--data-dir", str(run_dir / "loop_data"), "--ckpt-dir", str(run_dir / "loop"),
             "--log-dir", str(run_dir / "runs"), *TINY_LOOP]
     return [*commands, video, loop]
-
-
-def label(command: list[str]) -> str:
-    """The stage's name in the table: its script, and which policy collects or which controller plays."""
-    script = command[0]
-    if script == "collect_data.py":
-        return f"{script} {command[command.index('--policy') + 1] if '--policy' in command else 'random'}"
-    return script + (f" {command[command.index('--controller') + 1]}" if "--controller" in command else "")
 
 
 def run(command: list[str], kill_after: float | None = None, limit: float = 900) -> tuple[int | None, str, float]:
