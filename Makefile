@@ -11,7 +11,7 @@ LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= mdn
 
-.PHONY: venv test lint train iterate dream smoke bench chaos
+.PHONY: venv test lint train iterate dream dream-ensemble smoke bench chaos
 
 venv: $(VENV)/.installed
 
@@ -79,6 +79,22 @@ dream: venv
 	$(PY) train_dream_loop.py --data-dir $(DREAM_DATA) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
 		--env-backend $(BACKEND)
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller ppo_dream --episodes $(EVAL_EPISODES)
+
+# An ensemble of dream-trained controllers: the same loop again with another seed, on the first run's VAE and
+# round-0 random episodes (the same tracks and noise: copied, not driven again), then make_ensemble.py (the
+# mean of the two controllers' actions, each with its own world model) and the 100-track evaluation.
+ENSEMBLE_SEED ?= 1
+ENSEMBLE_DIR ?= $(DREAM_DIR)-ensemble
+SEED_DIR = $(DREAM_DIR)-seed$(ENSEMBLE_SEED)
+SEED_DATA = $(DREAM_DATA)-seed$(ENSEMBLE_SEED)
+dream-ensemble: dream
+	mkdir -p $(SEED_DIR) $(SEED_DATA)/rollouts
+	cp -n $(DREAM_DIR)/vae.pt $(SEED_DIR)/
+	cp -rn $(DREAM_DATA)/rollouts/random $(SEED_DATA)/rollouts/
+	$(PY) train_dream_loop.py --data-dir $(SEED_DATA) --ckpt-dir $(SEED_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
+		--env-backend $(BACKEND) --seed $(ENSEMBLE_SEED)
+	$(PY) make_ensemble.py --members $(DREAM_DIR) $(SEED_DIR) --out-dir $(ENSEMBLE_DIR)
+	$(PY) evaluate.py --ckpt-dir $(ENSEMBLE_DIR) --controller ensemble --episodes $(EVAL_EPISODES)
 
 # The whole pipeline with the tiny preset (smoke.py's TINY, which the tests share), writing RUN_DIR/{data,checkpoints,runs}.
 smoke: venv

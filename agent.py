@@ -52,11 +52,11 @@ def load_vae_and_world_model(ckpt_dir: Path, device="cpu"):
     return vae, world_model, checkpoint
 
 
-ControllerName = Literal["ppo", "ppo_dream", "cmaes"]  # the controllers a checkpoint dir can hold
+ControllerName = Literal["ensemble", "ppo", "ppo_dream", "cmaes"]  # the controllers a checkpoint dir can hold
 
 
-CONTROLLER_SCRIPTS = {"ppo": "train_ppo.py", "ppo_dream": "train_ppo_in_dream.py",
-                      "cmaes": "train_cmaes_in_dream.py"}  # controller name -> the stage that trains it
+CONTROLLER_SCRIPTS = {"ensemble": "make_ensemble.py", "ppo": "train_ppo.py", "ppo_dream": "train_ppo_in_dream.py",
+                      "cmaes": "train_cmaes_in_dream.py"}  # controller name -> the stage that makes it
 
 
 assert tuple(CONTROLLER_SCRIPTS) == get_args(ControllerName)
@@ -71,7 +71,7 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"  # the shipped a
 
 def agent_dir_and_controller(ckpt_dir: Path | None, controller: str | None) -> tuple[Path, str]:
     """The agent a watching/evaluation script plays: CKPT_DIR (default: pretrained/) and the controller
-    named, or else the first of CONTROLLER_SCRIPTS' order that CKPT_DIR holds."""
+    named, or else the first of CONTROLLER_SCRIPTS' order that CKPT_DIR holds (an ensemble before its members)."""
     ckpt_dir = PRETRAINED_DIR if ckpt_dir is None else Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint dir {ckpt_dir} not found" +
@@ -100,8 +100,10 @@ class FeatureTracker:
         """Preprocessed frames (B, 64, 64, 3) uint8 -> z (B, latent_dim), the VAE's mean."""
         return self.vae.encode(ConvVAE.to_input(torch.as_tensor(frames, device=self.device)))[0]
 
-    def observe(self, frames: np.ndarray) -> torch.Tensor:
-        self.z = self.encode(frames)
+    def observe(self, frames: np.ndarray, z: torch.Tensor | None = None) -> torch.Tensor:
+        """[z, h] of the frames (B, 64, 64, 3); Z, when given, is their latent already encoded (an ensemble's
+        members share one VAE, so the frames are encoded once for all of them)."""
+        self.z = self.encode(frames) if z is None else z
         return self.world_model.controller_input(self.z, self.state)
 
     @torch.no_grad()
@@ -124,27 +126,40 @@ class Agent:
     With `noise` > 0 each decision gets Gaussian exploration noise, drawn from a generator `reset(seed)`
     seeds (the same track, the same noise); h remembers the action taken, noise included. Noise 0 (the
     default) is the deterministic agent that evaluation plays.
+
+    MEMBERS is one (world model, controller) pair, or several for an ensemble: each member keeps its own h
+    from the shared z, the action taken is the mean of the members' actions, and every member's h remembers
+    that action. `features` and `controller` are the first member's (the one a dream video shows).
     """
 
-    def __init__(self, vae, world_model, controller, device="cpu", action_repeat: int = 1, noise: float = 0.0):
-        self.controller, self.action_repeat, self.noise = controller, action_repeat, noise
-        self.features = FeatureTracker(vae, world_model, 1, device)
+    def __init__(self, vae, members: list[tuple], device="cpu", action_repeat: int = 1, noise: float = 0.0):
+        if not members:
+            raise ValueError("an agent needs at least one (world model, controller) member")
+        self.members = [(FeatureTracker(vae, world_model, 1, device), controller)
+                        for world_model, controller in members]
+        self.features, self.controller = self.members[0]
+        self.action_repeat, self.noise = action_repeat, noise
         self.frame_count, self.action = 0, None
         self.rng = np.random.default_rng(0)
 
     def reset(self, seed: int) -> None:
-        self.features.reset()
+        for features, _ in self.members:
+            features.reset()
         self.frame_count = 0
         self.rng = np.random.default_rng([seed, 2])
 
     @torch.no_grad()
     def act(self, frame: np.ndarray) -> np.ndarray:
-        """One decision on a preprocessed frame (64, 64, 3): the action (3,), h stepped once."""
-        action = self.controller(self.features.observe(frame[None]))[0].cpu().numpy()
+        """One decision on a preprocessed frame (64, 64, 3): the action (3,), every h stepped once."""
+        z = self.features.encode(frame[None])  # (1, latent_dim), shared by the members
+        actions = [controller(features.observe(frame[None], z)) for features, controller in self.members]
+        action = torch.stack(actions).mean(0)[0].cpu().numpy()  # (3,): the members' mean, in the env's box
         if self.noise > 0:
             action = np.clip(action + self.noise * self.rng.standard_normal(3), ACTION_LOW, ACTION_HIGH)
         self.action = action.astype(np.float32)
-        self.features.remember(torch.from_numpy(self.action)[None].to(self.features.device))
+        taken = torch.from_numpy(self.action)[None].to(self.features.device)
+        for features, _ in self.members:
+            features.remember(taken)
         return self.action
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
@@ -154,27 +169,77 @@ class Agent:
         return self.action
 
 
-def load_agent(ckpt_dir: Path, controller: str, device="cpu", noise: float = 0.0) -> Agent:
-    """The one way every consumer builds an agent; a mismatch of any part is a UserError."""
-    if controller not in CONTROLLER_SCRIPTS:
-        raise UserError(f"unknown controller {controller!r}: choose one of {', '.join(CONTROLLER_SCRIPTS)}")
-    vae, world_model, wm_checkpoint = load_vae_and_world_model(ckpt_dir, device)
-    path = controller_path(ckpt_dir, controller)
-    checkpoint = load_checkpoint(path, map_location=device, stage_hint=CONTROLLER_SCRIPTS[controller])
+def load_controller(path: Path, ckpt_dir: Path, world_model_path: Path, device="cpu", script: str = "") -> tuple:
+    """The controller of checkpoint PATH, checked to be trained with CKPT_DIR/vae.pt and WORLD_MODEL_PATH:
+    (model in eval mode, its config)."""
+    checkpoint = load_checkpoint(path, map_location=device, stage_hint=script)
     try:
         config = ControllerConfig(**checkpoint["config"])
         model = build_controller(config)
         model.load_state_dict(checkpoint["state_dict"])
     except (TypeError, KeyError, ValueError, RuntimeError) as error:
-        raise UserError(f"checkpoint {path} is not a controller checkpoint ({type(error).__name__}); "
-                        f"run {CONTROLLER_SCRIPTS[controller]}")
-    for part in ("vae", "world_model"):
-        if checkpoint.get(part, {}).get("sha256") != file_sha256(Path(ckpt_dir) / f"{part}.pt"):
-            raise UserError(f"{path} was trained with another {part.replace('_', ' ')} than {Path(ckpt_dir) / part}.pt:"
-                            f" re-run {CONTROLLER_SCRIPTS[controller]}")
-    # one clock: the controller decides at the world model's rate (a world model saved before the rate was
-    # recorded does not say it, and the controller's own is taken)
-    if "action_repeat" in wm_checkpoint["config"] and config.action_repeat != world_model.config.action_repeat:
-        raise UserError(f"{path} decides every {config.action_repeat} frames but {Path(ckpt_dir) / 'world_model.pt'} "
-                        f"steps every {world_model.config.action_repeat}: re-run {CONTROLLER_SCRIPTS[controller]}")
-    return Agent(vae, world_model, model.to(device).eval(), device, config.action_repeat, noise)
+        raise UserError(f"checkpoint {path} is not a controller checkpoint ({type(error).__name__}); run {script}")
+    for part, part_path in (("vae", Path(ckpt_dir) / "vae.pt"), ("world_model", world_model_path)):
+        if checkpoint.get(part, {}).get("sha256") != file_sha256(part_path):
+            raise UserError(f"{path} was trained with another {part.replace('_', ' ')} than {part_path}: "
+                            f"re-run {script}")
+    return model.to(device).eval(), config
+
+
+def ensemble_members(ckpt_dir: Path) -> list[tuple[Path, Path]]:
+    """The (world model, controller) files of CKPT_DIR's ensemble (controller_ensemble.pt, make_ensemble.py), each
+    checked to be the file the ensemble was made of."""
+    path = controller_path(ckpt_dir, "ensemble")
+    checkpoint = load_checkpoint(path, stage_hint=CONTROLLER_SCRIPTS["ensemble"])
+    try:
+        members = [(Path(ckpt_dir) / m["world_model"], Path(ckpt_dir) / m["controller"], m["sha256"])
+                   for m in checkpoint["config"]["members"]]
+        if not members:
+            raise ValueError("no members")
+    except (TypeError, KeyError, ValueError) as error:
+        raise UserError(f"checkpoint {path} is not an ensemble checkpoint ({type(error).__name__}): "
+                        "run make_ensemble.py")
+    for world_model_path, controller_file, sha256 in members:
+        for member_file, expected in zip((world_model_path, controller_file), sha256):
+            if not member_file.is_file() or file_sha256(member_file) != expected:
+                raise UserError(f"{member_file}, a member of the ensemble {path}, is missing or has changed since: "
+                                "re-run make_ensemble.py")
+    return [(world_model_path, controller_file) for world_model_path, controller_file, _ in members]
+
+
+def agent_files_of(ckpt_dir: Path, controller: str) -> list[Path]:
+    """Every file the agent of CKPT_DIR with CONTROLLER reads (what a cluster node needs to play it)."""
+    ckpt_dir = Path(ckpt_dir)
+    files = [ckpt_dir / "vae.pt", ckpt_dir / "world_model.pt", controller_path(ckpt_dir, controller)]
+    if controller == "ensemble":
+        files += [path for member in ensemble_members(ckpt_dir) for path in member if path not in files]
+    return files
+
+
+def load_agent(ckpt_dir: Path, controller: str, device="cpu", noise: float = 0.0) -> Agent:
+    """The one way every consumer builds an agent; a mismatch of any part is a UserError."""
+    if controller not in CONTROLLER_SCRIPTS:
+        raise UserError(f"unknown controller {controller!r}: choose one of {', '.join(CONTROLLER_SCRIPTS)}")
+    ckpt_dir = Path(ckpt_dir)
+    vae, *dir_world_model = load_vae_and_world_model(ckpt_dir, device)  # (world model, its checkpoint)
+    script = CONTROLLER_SCRIPTS[controller]
+    if controller == "ensemble":
+        files = ensemble_members(ckpt_dir)
+    else:
+        files = [(ckpt_dir / "world_model.pt", controller_path(ckpt_dir, controller))]
+    members, action_repeats = [], set()
+    for world_model_path, path in files:
+        world_model, wm_checkpoint = (dir_world_model if world_model_path == ckpt_dir / "world_model.pt"
+                                      else load_world_model(world_model_path, device))
+        model, config = load_controller(path, ckpt_dir, world_model_path, device, script)
+        # one clock: the controller decides at the world model's rate (a world model saved before the rate was
+        # recorded does not say it, and the controller's own is taken)
+        if "action_repeat" in wm_checkpoint["config"] and config.action_repeat != world_model.config.action_repeat:
+            raise UserError(f"{path} decides every {config.action_repeat} frames but {world_model_path} "
+                            f"steps every {world_model.config.action_repeat}: re-run {script}")
+        members.append((world_model, model))
+        action_repeats.add(config.action_repeat)
+    if len(action_repeats) > 1:
+        raise UserError(f"the members of {controller_path(ckpt_dir, controller)} decide at different rates "
+                        f"({sorted(action_repeats)} frames): re-run make_ensemble.py with members of one clock")
+    return Agent(vae, members, device, action_repeats.pop(), noise)

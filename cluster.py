@@ -192,9 +192,11 @@ def cluster_map(address: str, fn: Callable, shared, items: Sequence, retries: in
             ray.cancel(ref, force=True)
 
 
-def ship_files(paths: Sequence[Path]) -> dict[str, bytes]:
-    """Files as {name: bytes}, to travel in a SHARED object (checkpoints: a few tens of MB at most)."""
-    return {Path(path).name: Path(path).read_bytes() for path in paths}
+def ship_files(paths: Sequence[Path], root: Path | None = None) -> dict[str, bytes]:
+    """Files as {name: bytes}, to travel in a SHARED object (checkpoints: a few tens of MB at most); a name is
+    the path relative to ROOT when given (an ensemble's members live in subdirectories), else the file's name."""
+    return {(Path(path).relative_to(root).as_posix() if root else Path(path).name): Path(path).read_bytes()
+            for path in paths}
 
 
 def content_key(files: dict[str, bytes]) -> str:
@@ -218,8 +220,8 @@ def local_copy(files: dict[str, bytes]) -> Path:
             atomic_write(blob, lambda f, data=data: f.write(data))
         link = directory / name
         if not link.exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            temporary = directory / f".{name}.{os.getpid()}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            temporary = link.parent / f".{link.name}.{os.getpid()}"
             temporary.unlink(missing_ok=True)
             os.link(blob, temporary)
             os.replace(temporary, link)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import cluster
-from agent import controller_path, load_agent
+from agent import agent_files_of, controller_path, load_agent
 from envs import ENV_ID, _die_with_parent, hold_actions, make_env
 from episodes import encode_episode, episode_dir, episode_path, is_complete_npz, list_episodes, save_episode
 from utils import UserError, atomic_write, file_sha256, pick_device, preprocess_frame
@@ -299,8 +299,7 @@ def _play_on_cluster(address: str, tasks, max_steps: int, backend: str, policy: 
     agent_files = None
     if policy == "agent":
         ckpt_dir, controller = Path(policy_kwargs["ckpt_dir"]), policy_kwargs["controller"]
-        agent_files = cluster.ship_files([ckpt_dir / "vae.pt", ckpt_dir / "world_model.pt",
-                                          controller_path(ckpt_dir, controller)])
+        agent_files = cluster.ship_files(agent_files_of(ckpt_dir, controller), root=ckpt_dir)
     files_key = cluster.content_key(agent_files) if agent_files else "-"
     key = f"{policy}-{backend}-{max_steps}-{sorted(policy_kwargs.items())}-{files_key}"
     shared = {"key": key, "backend": backend, "max_steps": max_steps, "policy": policy,

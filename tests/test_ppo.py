@@ -168,7 +168,7 @@ def test_agent_holds_each_action_for_its_action_repeat(tmp_path):
         calls.append(features)
         return torch.full((1, 3), 0.1 * len(calls))
 
-    agent = Agent(vae, world_model, controller, action_repeat=3)
+    agent = Agent(vae, [(world_model, controller)], action_repeat=3)
     frames = np.random.default_rng(0).integers(0, 255, (7, 64, 64, 3), dtype=np.uint8)
     actions = [agent(frame)[0] for frame in frames]
     assert len(calls) == 3 and actions == pytest.approx([0.1] * 3 + [0.2] * 3 + [0.3])
@@ -182,7 +182,7 @@ def test_agent_noise_is_seeded_by_the_track_and_remembered(tmp_path):
     h steps on the action it took, noise included (the action the world model is trained on)."""
     vae, world_model, _ = load_vae_and_world_model(make_checkpoint_dir(tmp_path))
     frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
-    agent = Agent(vae, world_model, lambda features: torch.full((1, 3), 0.5), noise=0.2)
+    agent = Agent(vae, [(world_model, lambda features: torch.full((1, 3), 0.5))], noise=0.2)
 
     def play(seed):
         agent.reset(seed)

@@ -1,0 +1,76 @@
+"""Make an ensemble agent: several controllers, each with the world model it was trained in, act together on one
+VAE; the action is the mean of theirs (agent.Agent). Dream-trained controllers of runs with other seeds fail on
+other tracks, so their mean fails on fewer.
+
+Reads:  each of MEMBERS (checkpoint dirs): world_model.pt and controller_<CONTROLLER>.pt, all trained on the first
+        member's vae.pt (for a dream loop with another --seed, copy that vae.pt into its --ckpt-dir before it
+        starts: the loop then uses it instead of training its own).
+Writes: OUT_DIR/vae.pt, world_model.pt and controller_<CONTROLLER>.pt: the first member's (copied, unless OUT_DIR is
+        that member); OUT_DIR/member<i>/world_model.pt and controller_<CONTROLLER>.pt for every other member i;
+        OUT_DIR/controller_ensemble.pt: the members' files and their hashes. Play it with evaluate.py,
+        play_game.py or create_video.py --ckpt-dir OUT_DIR (the ensemble is their default controller there;
+        a dream video shows the first member in its own dream).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import CONTROLLER_SCRIPTS, ControllerName, controller_path, load_agent, load_controller
+from utils import UserError, atomic_write, checkpoint_identity, file_sha256, run_main, save_checkpoint
+
+
+@dataclass
+class Args:
+    members: list[Path] = field(default_factory=list)
+    """checkpoint dirs of the members, two or more (the first gives the VAE and the world model of OUT_DIR)"""
+    out_dir: Path = Path("checkpoints/ensemble")
+    """where the ensemble agent is written (may be the first member's dir)"""
+    controller: ControllerName = "ppo_dream"
+    """which controller of each member dir"""
+
+
+def copy_file(source: Path, target: Path) -> None:
+    if source.resolve() != target.resolve():
+        with open(source, "rb") as f:
+            atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+
+
+def main(args: Args) -> None:
+    if len(args.members) < 2:
+        raise UserError("--members needs two or more checkpoint dirs")
+    if args.controller == "ensemble":
+        raise UserError("--controller names the members' controller: ppo, ppo_dream or cmaes")
+    base, script = args.members[0], CONTROLLER_SCRIPTS[args.controller]
+    for member in args.members:
+        if not member.is_dir():
+            raise UserError(f"member {member} is not a checkpoint dir")
+        # each member's controller must have been trained on the base VAE and on its own world model
+        load_controller(controller_path(member, args.controller), base, member / "world_model.pt", script=script)
+    if any(member.resolve() == args.out_dir.resolve() for member in args.members[1:]):
+        raise UserError(f"--out-dir {args.out_dir} is a member other than the first: choose another dir")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    files = []  # (world model, controller) of each member, relative to OUT_DIR
+    for index, member in enumerate(args.members):
+        subdir = Path(f"member{index}") if index else Path()
+        for name in ("world_model.pt", controller_path(member, args.controller).name):
+            copy_file(member / name, args.out_dir / subdir / name)
+        files.append((subdir / "world_model.pt", subdir / controller_path(member, args.controller).name))
+    copy_file(base / "vae.pt", args.out_dir / "vae.pt")
+    members = [{"world_model": world_model.as_posix(), "controller": controller.as_posix(),
+                "sha256": [file_sha256(args.out_dir / world_model), file_sha256(args.out_dir / controller)],
+                "source": str(member)} for (world_model, controller), member in zip(files, args.members)]
+    save_checkpoint(controller_path(args.out_dir, "ensemble"), {
+        "config": {"members": members}, "state_dict": {},  # (no weights of its own: the members' files hold them)
+        "args": {"members": [str(m) for m in args.members],
+                                                 "controller": args.controller, "out_dir": str(args.out_dir)},
+        "vae": checkpoint_identity(args.out_dir / "vae.pt")})
+    agent = load_agent(args.out_dir, "ensemble")  # the ensemble as every consumer will load it
+    print(f"ensemble of {len(agent.members)} {args.controller} controllers (from {', '.join(map(str, args.members))}) "
+          f"in {controller_path(args.out_dir, 'ensemble')}")
+
+
+if __name__ == "__main__":
+    run_main(main, Args, description=__doc__)

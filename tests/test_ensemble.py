@@ -1,0 +1,88 @@
+"""An ensemble agent (make_ensemble.py): members on one VAE, the mean of their actions, every h remembering it."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import cluster
+import make_ensemble
+from agent import agent_dir_and_controller, agent_files_of, load_agent
+from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, run_script, save_linear_controller
+from rollouts import evaluate_agent
+from utils import UserError, checkpoint_identity, plain, save_checkpoint
+from world_model import WorldModelConfig, build_world_model
+
+
+def make_member(base, directory, seed: int):
+    """Another member on BASE's VAE: its own random world model and linear controller, in DIRECTORY."""
+    directory.mkdir()
+    shutil.copy(base / "vae.pt", directory / "vae.pt")
+    torch.manual_seed(seed)
+    model = build_world_model(WorldModelConfig(arch="gru", action_repeat=1, **TINY_WORLD_MODEL))
+    save_checkpoint(directory / "world_model.pt", {
+        "config": plain(model.config), "state_dict": model.state_dict(),
+        "vae": checkpoint_identity(directory / "vae.pt"),
+        "start_bank": {"mu": torch.randn(5, 4), "logvar": torch.full((5, 4), -2.0)}})
+    save_linear_controller(directory, seed)
+    return directory
+
+
+@pytest.fixture
+def members(tmp_path):
+    base = make_checkpoint_dir(tmp_path)
+    save_linear_controller(base, 0)
+    return [base, make_member(base, tmp_path / "b", 1), make_member(base, tmp_path / "c", 2)]
+
+
+def test_ensemble_acts_as_the_mean_of_its_members(tmp_path, members):
+    out = tmp_path / "ensemble"
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller="cmaes"))
+    assert agent_dir_and_controller(out, None) == (out, "ensemble"), "the ensemble is the dir's default"
+    ensemble = load_agent(out, "ensemble")
+    singles = [load_agent(member, "cmaes") for member in members]
+    assert len(ensemble.members) == 3
+    frames = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        for frame in frames:
+            actions = [single.controller(single.features.observe(frame[None])) for single in singles]
+            expected = torch.stack(actions).mean(0)
+            for single in singles:  # every member's h steps on the action the ensemble took
+                single.features.remember(expected)
+            np.testing.assert_allclose(ensemble.act(frame), expected[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(actions[0], actions[1]), "the members differ, so the mean is a test"
+
+    # a cluster node gets every member's file under its relative name, and loads the same agent from them
+    names = cluster.ship_files(agent_files_of(out, "ensemble"), root=out)
+    assert {"member1/world_model.pt", "member2/controller_cmaes.pt", "controller_ensemble.pt"} <= set(names)
+    copy = cluster.local_copy(names)
+    assert load_agent(copy, "ensemble").act(frames[0]) == pytest.approx(load_agent(out, "ensemble").act(frames[0]))
+
+    result = evaluate_agent(out, "ensemble", episodes=1, workers=1, max_steps=20, progress=False)
+    assert result["controller"] == "ensemble" and len(result["returns"]) == 1
+
+
+def test_ensemble_refuses_mismatched_or_changed_members(tmp_path, members):
+    out = tmp_path / "ensemble"
+    with pytest.raises(UserError, match="two or more"):
+        make_ensemble.main(make_ensemble.Args(members=members[:1], out_dir=out, controller="cmaes"))
+    with pytest.raises(UserError, match="is a member other than the first"):
+        make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[1], controller="cmaes"))
+    other = make_checkpoint_dir(tmp_path / "other")  # a member trained on another VAE
+    vae = torch.load(other / "vae.pt", weights_only=True)
+    vae["state_dict"] = {key: value + 1 for key, value in vae["state_dict"].items()}
+    save_checkpoint(other / "vae.pt", vae)
+    save_linear_controller(other, 3)
+    with pytest.raises(UserError, match="another vae"):
+        make_ensemble.main(make_ensemble.Args(members=[members[0], other], out_dir=out, controller="cmaes"))
+
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[0], controller="cmaes"))  # in place
+    assert load_agent(members[0], "ensemble").members[0][0].world_model is not None
+    # a member replaced after the ensemble was made
+    shutil.copy(members[0] / "member1" / "controller_cmaes.pt", members[0] / "member2" / "controller_cmaes.pt")
+    with pytest.raises(UserError, match="has changed since"):
+        load_agent(members[0], "ensemble")
+    result = run_script("evaluate.py", "--ckpt-dir", str(members[0]), "--episodes", "1", "--max-steps", "5",
+                        "--workers", "1")
+    assert result.returncode == 2 and "has changed since" in result.stderr and "Traceback" not in result.stderr
