@@ -105,7 +105,7 @@ bench: venv $(VENV)/.cluster-installed
 	$(PY) benchmarks/ray_overhead.py
 
 # The kill campaign: every stage that writes (the tiny pipeline with longer presets, agent collection, a video and a
-# two-round dream loop) SIGKILLed CHAOS_KILLS times at random moments, re-run, checked (~60 min here at 20).
+# two-round dream loop) SIGKILLed CHAOS_KILLS times at random moments, re-run, checked (60-75 min here at 20).
 CHAOS_KILLS ?= 20
 chaos: venv
 	$(PY) benchmarks/chaos.py --kills $(CHAOS_KILLS)

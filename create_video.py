@@ -1,6 +1,7 @@
 """Record a video of an agent: in the real env, inside its dream, or both side by side.
 
-Reads:  CKPT_DIR (default: pretrained/, the shipped agent): vae.pt, world_model.pt, controller_<CONTROLLER>.pt.
+Reads:  CKPT_DIR (default: pretrained/, the shipped agent): vae.pt, world_model.pt, controller_<CONTROLLER>.pt
+        (and an ensemble's members, make_ensemble.py; --mode dream shows its first member in its own dream).
 Writes: OUT, an mp4 (H.264 through imageio-ffmpeg) or, when OUT ends in .gif, a looping GIF. The video
         is written to a temporary name beside OUT and renamed when complete.
 
@@ -36,7 +37,7 @@ class Args:
     ckpt_dir: Path | None = None
     """the agent (default: pretrained/)"""
     controller: ControllerName | None = None
-    """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
+    """which controller of CKPT_DIR (default: the first of ensemble, ppo, ppo_dream, cmaes it holds)"""
     mode: Literal["play", "dream", "grid"] = "play"
     """play: the agent in the real env; dream: the agent in its dream; grid: real | reconstruction | dream"""
     steps: int = 500

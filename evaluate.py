@@ -2,7 +2,7 @@
 --noise, Gaussian noise on them, seeded per track).
 
 Reads:  CKPT_DIR (default pretrained/)/vae.pt, world_model.pt and controller_<CONTROLLER>.pt (checked to belong
-        together).
+        together; an ensemble's members too, make_ensemble.py).
 Writes: a JSON summary (contract): env_id, episodes, seed, mean, std, min, max, returns (in seed
         order), plus the controller, checkpoint dir, backend and wall-clock; to --out, or to
         CKPT_DIR/eval_<CONTROLLER>.json by default. While it runs, OUT with the suffix .partial.json holds the
@@ -31,7 +31,7 @@ class Args:
     ckpt_dir: Path | None = None
     """the agent: vae.pt, world_model.pt and controller_<CONTROLLER>.pt (default: pretrained/, the shipped one)"""
     controller: ControllerName | None = None
-    """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
+    """which controller of CKPT_DIR (default: the first of ensemble, ppo, ppo_dream, cmaes it holds)"""
     episodes: int = 100
     """tracks played, seeds SEED .. SEED + EPISODES - 1"""
     seed: int = 1_000_000

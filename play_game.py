@@ -1,6 +1,7 @@
 """Watch an agent drive CarRacing-v3 in a live window, or drive it yourself with the arrow keys.
 
-Reads:  CKPT_DIR (default: pretrained/, the shipped agent): vae.pt, world_model.pt, controller_<CONTROLLER>.pt.
+Reads:  CKPT_DIR (default: pretrained/, the shipped agent): vae.pt, world_model.pt, controller_<CONTROLLER>.pt
+        (and an ensemble's members, make_ensemble.py).
 Writes: with --human, each episode you drive as an ordinary episode file,
         DATA_DIR/rollouts/human/ep_<track seed>.npz (usable training data).
 
@@ -31,7 +32,7 @@ class Args:
     ckpt_dir: Path | None = None
     """the agent (default: pretrained/); ignored with --human"""
     controller: ControllerName | None = None
-    """which controller of CKPT_DIR (default: the first of ppo, ppo_dream, cmaes it holds)"""
+    """which controller of CKPT_DIR (default: the first of ensemble, ppo, ppo_dream, cmaes it holds)"""
     episodes: int = 3
     """tracks to play"""
     seed: int = 1_000_000
