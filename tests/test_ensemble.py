@@ -86,3 +86,12 @@ def test_ensemble_refuses_mismatched_or_changed_members(tmp_path, members):
     result = run_script("evaluate.py", "--ckpt-dir", str(members[0]), "--episodes", "1", "--max-steps", "5",
                         "--workers", "1")
     assert result.returncode == 2 and "has changed since" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shipped_dream_ensemble_loads_and_fits_the_size_limit():
+    """pretrained/dream/ holds an ensemble whose members are intact; pretrained/ stays within its 45 MB."""
+    from agent import PRETRAINED_DIR
+
+    agent = load_agent(PRETRAINED_DIR / "dream", "ensemble")
+    assert len(agent.members) == 2 and agent.action_repeat == 4
+    assert sum(path.stat().st_size for path in PRETRAINED_DIR.rglob("*") if path.is_file()) <= 45_000_000
