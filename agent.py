@@ -194,8 +194,9 @@ def ensemble_members(ckpt_dir: Path) -> list[tuple[Path, Path]]:
     try:
         members = [(Path(ckpt_dir) / m["world_model"], Path(ckpt_dir) / m["controller"], m["sha256"])
                    for m in checkpoint["config"]["members"]]
-        if not members:
-            raise ValueError("no members")
+        if not members or not all(isinstance(sha256, list) and len(sha256) == 2 and all(
+                isinstance(digest, str) for digest in sha256) for *_, sha256 in members):
+            raise ValueError("no members, or not a hash per member file")
     except (TypeError, KeyError, ValueError) as error:
         raise UserError(f"checkpoint {path} is not an ensemble checkpoint ({type(error).__name__}): "
                         "run make_ensemble.py")

@@ -77,6 +77,14 @@ def test_ensemble_refuses_mismatched_or_changed_members(tmp_path, members):
     with pytest.raises(UserError, match="another vae"):
         make_ensemble.main(make_ensemble.Args(members=[members[0], other], out_dir=out, controller="cmaes"))
 
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller="cmaes"))
+    checkpoint = torch.load(out / "controller_ensemble.pt", weights_only=True)
+    for damage in ({"sha256": 5}, {"sha256": []}, {"world_model": 3}, {"controller": None}):
+        save_checkpoint(out / "controller_ensemble.pt", checkpoint | {
+            "config": {"members": [checkpoint["config"]["members"][0] | damage]}})
+        with pytest.raises(UserError, match="is not an ensemble checkpoint"):
+            load_agent(out, "ensemble")
+
     make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[0], controller="cmaes"))  # in place
     assert load_agent(members[0], "ensemble").members[0][0].world_model is not None
     # a member replaced after the ensemble was made
