@@ -85,8 +85,8 @@ dream: venv
 # mean of the two controllers' actions, each with its own world model) and the 100-track evaluation.
 ENSEMBLE_SEED ?= 1
 ENSEMBLE_DIR ?= $(DREAM_DIR)-ensemble
-SEED_DIR = $(DREAM_DIR)-seed$(ENSEMBLE_SEED)
-SEED_DATA = $(DREAM_DATA)-seed$(ENSEMBLE_SEED)
+SEED_DIR ?= $(DREAM_DIR)-seed$(ENSEMBLE_SEED)
+SEED_DATA ?= $(DREAM_DATA)-seed$(ENSEMBLE_SEED)
 dream-ensemble: dream
 	mkdir -p $(SEED_DIR) $(SEED_DATA)/rollouts
 	cp -n $(DREAM_DIR)/vae.pt $(SEED_DIR)/

@@ -47,7 +47,8 @@ def test_every_flag_says_what_it_does(script, monkeypatch):
 
 # Makefile knobs that are not a script's default, on purpose
 MAKE_OWN = {"ITER_EPISODES": "an on-policy round drives fewer new tracks than a first data set has",
-            "CKPT_DIR": "evaluate.py and the watching scripts play the shipped agent by default, make what it trained"}
+            "CKPT_DIR": "evaluate.py and the watching scripts play the shipped agent by default, make what it trained",
+            "ENSEMBLE_SEED": "the second run of an ensemble needs another seed than the first (the default)"}
 
 
 def makefile_knobs() -> tuple[dict[str, str], list[tuple[str, str, str]]]:
