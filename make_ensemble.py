@@ -52,20 +52,21 @@ def main(args: Args) -> None:
     if any(member.resolve() == args.out_dir.resolve() for member in args.members[1:]):
         raise UserError(f"--out-dir {args.out_dir} is a member other than the first: choose another dir")
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    controller_file = controller_path(base, args.controller).name
     files = []  # (world model, controller) of each member, relative to OUT_DIR
     for index, member in enumerate(args.members):
         subdir = Path(f"member{index}") if index else Path()
-        for name in ("world_model.pt", controller_path(member, args.controller).name):
+        for name in ("world_model.pt", controller_file):
             copy_file(member / name, args.out_dir / subdir / name)
-        files.append((subdir / "world_model.pt", subdir / controller_path(member, args.controller).name))
+        files.append((subdir / "world_model.pt", subdir / controller_file))
     copy_file(base / "vae.pt", args.out_dir / "vae.pt")
     members = [{"world_model": world_model.as_posix(), "controller": controller.as_posix(),
                 "sha256": [file_sha256(args.out_dir / world_model), file_sha256(args.out_dir / controller)],
                 "source": str(member)} for (world_model, controller), member in zip(files, args.members)]
     save_checkpoint(controller_path(args.out_dir, "ensemble"), {
         "config": {"members": members}, "state_dict": {},  # (no weights of its own: the members' files hold them)
-        "args": {"members": [str(m) for m in args.members],
-                                                 "controller": args.controller, "out_dir": str(args.out_dir)},
+        "args": {"members": [str(m) for m in args.members], "controller": args.controller,
+                 "out_dir": str(args.out_dir)},
         "vae": checkpoint_identity(args.out_dir / "vae.pt")})
     agent = load_agent(args.out_dir, "ensemble")  # the ensemble as every consumer will load it
     print(f"ensemble of {len(agent.members)} {args.controller} controllers (from {', '.join(map(str, args.members))}) "
