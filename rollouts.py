@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import cluster
-from agent import agent_files_of, controller_path, load_agent
+from agent import agent_files_of, load_agent
 from envs import ENV_ID, _die_with_parent, hold_actions, make_env
 from episodes import encode_episode, episode_dir, episode_path, is_complete_npz, list_episodes, save_episode
 from utils import UserError, atomic_write, file_sha256, pick_device, preprocess_frame
@@ -335,9 +335,9 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
     identity, done = None, []
     if progress_file:  # (hashing the agent's files is only needed to match a progress file)
         identity = {"controller": controller, "seed": seed, "episodes": episodes, "max_steps": max_steps,
-                    "backend": backend, "noise": noise, "device": device, **{name: file_sha256(path) for name, path in (
-                        ("vae", Path(ckpt_dir) / "vae.pt"), ("world_model", Path(ckpt_dir) / "world_model.pt"),
-                        ("controller_file", controller_path(ckpt_dir, controller)))}}
+                    "backend": backend, "noise": noise, "device": device,
+                    "files": {path.relative_to(ckpt_dir).as_posix(): file_sha256(path)
+                              for path in agent_files_of(ckpt_dir, controller)}}
         done = _finished_episodes(progress_file, identity)
 
     def record(summaries: list[dict]) -> None:
