@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,12 @@ from typing import Literal
 
 import numpy as np
 
+import make_ensemble
 import train_ppo_in_dream
 import train_vae
 import train_world_model
 from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, load_episode
-from rollouts import collect_episodes
+from rollouts import collect_episodes, evaluate_agent
 from utils import UserError, atomic_write, run_main
 
 LOOP_FILE, CURVE_FILE = "dream_loop.json", "dream_loop.png"
@@ -102,6 +104,10 @@ class Args:
     critical_weight: float = 4.0
     """weight of the replayed states around a real loss of the road when imagination starts are drawn (1: uniform;
     4 made the shipped run's disasters go); train_ppo_in_dream.py's flag"""
+    members: int = 1
+    """> 1: so many world models and dream-trained controllers (member i in CKPT_DIR/member<i>/, seed SEED + i) learn
+    from the same episodes, and their ensemble (make_ensemble.py: the mean of their actions) drives, is checked
+    and is the agent of CKPT_DIR"""
 
 
 def collect_round(args: Args, round_index: int) -> list[float]:
@@ -114,7 +120,7 @@ def collect_round(args: Args, round_index: int) -> list[float]:
     else:  # the first DETERMINISTIC_SHARE of the round's tracks without noise, the rest with NOISE
         first = ROUND_SEED + 100_000 * round_index + 1000 * args.seed
         plain = first + round(args.deterministic_share * args.episodes_per_round)
-        source, agent = f"round{round_index}", {"ckpt_dir": str(args.ckpt_dir), "controller": "ppo_dream"}
+        source, agent = f"round{round_index}", {"ckpt_dir": str(args.ckpt_dir), "controller": agent_controller(args)}
         batches = [(range(first, plain), "agent", agent | {"noise": 0.0}),
                    (range(plain, first + args.episodes_per_round), "agent", agent | {"noise": args.noise})]
     returns = []
@@ -132,6 +138,40 @@ def collect_round(args: Args, round_index: int) -> list[float]:
     return returns
 
 
+def agent_controller(args: Args) -> str:
+    """The controller of CKPT_DIR that drives the rounds' episodes and checks."""
+    return "ensemble" if args.members > 1 else "ppo_dream"
+
+
+def member_dir(args: Args, index: int) -> Path:
+    """Member 0 is CKPT_DIR itself; every other member has a dir of its own in it, with a copy of the VAE."""
+    directory = args.ckpt_dir / f"member{index}" if index else args.ckpt_dir
+    if index and not (directory / "vae.pt").exists():
+        directory.mkdir(exist_ok=True)
+        with open(args.ckpt_dir / "vae.pt", "rb") as f:
+            atomic_write(directory / "vae.pt", lambda out: shutil.copyfileobj(f, out))
+    return directory
+
+
+def train_member(args: Args, round_index: int, index: int) -> dict:
+    """Round ROUND_INDEX's world model and dream-trained controller of member INDEX; the controller's last metrics
+    (a lone member checks itself on the real tracks; an ensemble's members leave that to the ensemble)."""
+    directory, seed = member_dir(args, index), args.seed + index
+    train_world_model.main(train_world_model.Args(
+        data_dir=args.data_dir, ckpt_dir=directory, log_dir=args.log_dir, arch=args.arch,
+        epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
+        reward_overshoot_weight=args.reward_overshoot_weight, seed=seed, collect=False, device=args.device))
+    lone = args.members == 1
+    return train_ppo_in_dream.main(train_ppo_in_dream.Args(
+        ckpt_dir=directory, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,
+        horizon=args.horizon, rollout_steps=args.horizon, temperature=args.temperature, seed=seed,
+        weight_average=args.weight_average, critical_weight=args.critical_weight, ray_address=args.ray_address,
+        device=args.device, total_steps=args.updates_per_round * args.num_envs * args.horizon * args.action_repeat,
+        eval_every=args.updates_per_round, eval_episodes=args.check_episodes if lone else 0,
+        eval_dreams_per_episode=4 if lone else 4 * args.check_episodes, workers=args.workers,
+        max_steps=args.max_steps))
+
+
 def data_frames(data_dir: Path) -> int:
     """Real env frames in the episode files (decisions x their action repeat)."""
     episodes = (load_episode(path, ("reward", "action_repeat")) for path in list_episodes(data_dir))
@@ -139,7 +179,9 @@ def data_frames(data_dir: Path) -> int:
 
 
 RECORD_KEYS = ("round", "real_frames", "wall_seconds", "dream_return", "real_return")  # numbers, in every round
-RECIPE = ("data_dir", "action_repeat", "arch", "random_episodes", "episodes_per_round", "seed")  # fixed per run
+RECIPE = ("data_dir", "action_repeat", "arch", "random_episodes", "episodes_per_round", "seed",  # fixed per run
+          "members")
+RECIPE_BEFORE = {"members": "1"}  # what a record written before a setting existed ran with
 
 
 def load_records(path: Path, args: Args) -> list[dict]:
@@ -157,7 +199,7 @@ def load_records(path: Path, args: Args) -> list[dict]:
             raise TypeError("not a record of rounds")
     except (ValueError, KeyError, TypeError) as error:  # (UnicodeDecodeError is a ValueError)
         raise UserError(f"{path} is damaged ({type(error).__name__}): move it away to start the loop over")
-    other = [name for name in RECIPE if saved_args.get(name) != str(getattr(args, name))]
+    other = [name for name in RECIPE if saved_args.get(name, RECIPE_BEFORE.get(name)) != str(getattr(args, name))]
     if other:
         raise UserError(f"{path} is the record of a run with other {', '.join(other)} "
                         f"({', '.join(f'{name}={saved_args.get(name)}' for name in other)}): use the same settings "
@@ -207,26 +249,25 @@ def main(args: Args) -> None:
         if not (args.ckpt_dir / "vae.pt").exists():
             train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
                                           epochs=args.vae_epochs, seed=args.seed, collect=False, device=args.device))
-        train_world_model.main(train_world_model.Args(
-            data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir, arch=args.arch,
-            epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
-            reward_overshoot_weight=args.reward_overshoot_weight,
-            seed=args.seed, collect=False, device=args.device))
-        ppo_args = train_ppo_in_dream.Args(
-            ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,
-            horizon=args.horizon, rollout_steps=args.horizon, temperature=args.temperature, seed=args.seed,
-            weight_average=args.weight_average, critical_weight=args.critical_weight, ray_address=args.ray_address,
-            device=args.device,
-            total_steps=args.updates_per_round * args.num_envs * args.horizon * args.action_repeat,
-            eval_every=args.updates_per_round, eval_episodes=args.check_episodes, workers=args.workers,
-            max_steps=args.max_steps)
-        metrics = train_ppo_in_dream.main(ppo_args)
+        metrics = [train_member(args, round_index, index) for index in range(args.members)]
+        dream = float(np.mean([m.get("dream_return", math.nan) for m in metrics]))  # each member in its own dream
+        if args.members > 1:
+            make_ensemble.main(make_ensemble.Args(members=[member_dir(args, i) for i in range(args.members)],
+                                                  out_dir=args.ckpt_dir, controller="ppo_dream"))
+            real = evaluate_agent(args.ckpt_dir, "ensemble", args.check_episodes, train_ppo_in_dream.Args.eval_seed,
+                                  args.workers, args.max_steps, args.env_backend, progress=False,
+                                  ray_address=args.ray_address)
+            print(f"ensemble of {args.members}: real env {real['mean']:.1f} ± {real['std']:.1f} over "
+                  f"{args.check_episodes} tracks; members' dream returns "
+                  + ", ".join(f"{m.get('dream_return', math.nan):.1f}" for m in metrics))
+            real_return = real["mean"]
+        else:
+            real_return = metrics[0].get("real_return", math.nan)
         wall += time.perf_counter() - round_start
         checked_frames = args.max_steps * args.check_episodes * (round_index + 1)  # real, though never trained on
         record = {"round": round_index, "real_frames": data_frames(args.data_dir) + checked_frames,
                   "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
-                  "dream_return": metrics.get("dream_return", math.nan),
-                  "real_return": metrics.get("real_return", math.nan),
+                  "dream_return": dream, "real_return": real_return,
                   "collect_return_deterministic": collect_returns[0] if round_index else math.nan,
                   "collect_return_noisy": collect_returns[-1] if round_index else math.nan}
         records.append(record)

@@ -65,7 +65,7 @@ class Args(PPOArgs):
     """in a new world model (an on-policy round retrained it), go on training the last controller's weights"""
     eval_every: int = 25
     eval_dreams_per_episode: int = 4
-    """whole dreams per real check episode for the deterministic dream score"""
+    """whole dreams per real check episode (per check, with no real episodes) for the deterministic dream score"""
 
 
 def main(args: Args) -> dict:
@@ -78,7 +78,7 @@ def main(args: Args) -> dict:
     def make_dream(num_envs: int) -> BatchedDream:
         return BatchedDream(world_model, bank["mu"], bank["logvar"], num_envs, args.temperature, args.max_steps, device)
 
-    eval_dream = make_dream(max(1, args.eval_episodes * args.eval_dreams_per_episode))
+    eval_dream = make_dream(max(1, args.eval_episodes) * args.eval_dreams_per_episode)
     eval_seeds = torch.arange(eval_dream.num_envs) + EVAL_DREAM_SEED  # fixed whole dreams from episode starts
 
     def extra_eval(model) -> dict:

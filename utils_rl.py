@@ -113,7 +113,7 @@ class ControllerStageArgs:
     """play the current controller deterministically in the real env every this many updates or
     generations (0: never)"""
     eval_episodes: int = 4
-    """real tracks per check"""
+    """real tracks per check (PPO: 0 plays none, the dream's checks still run)"""
     eval_seed: int = 5_000_000
     """real tracks for those checks (apart from the final evaluation's 1,000,000+)"""
     workers: int = 2
@@ -304,17 +304,18 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                 resume_state |= {"trained_state_dict": model.state_dict(), "averaged_model": averaged.state_dict()}
             save_stage(out_path, latest_path, checkpoint, resume_state)
             if args.eval_every and ((update + 1) % args.eval_every == 0 or update + 1 == updates):
-                real = evaluate_agent(args.ckpt_dir, name, args.eval_episodes, args.eval_seed, args.workers,
-                                      args.max_steps, progress=False, ray_address=args.ray_address)
-                writer.add_scalar("eval/real_return", real["mean"], env_steps)
-                line = (f"update {update + 1}: real env {real['mean']:.1f} ± {real['std']:.1f} "
-                        f"over {args.eval_episodes} tracks")
+                line = f"update {update + 1}:"
+                if args.eval_episodes:  # (0: no real check here, e.g. a member of an ensemble the caller checks)
+                    real = evaluate_agent(args.ckpt_dir, name, args.eval_episodes, args.eval_seed, args.workers,
+                                          args.max_steps, progress=False, ray_address=args.ray_address)
+                    writer.add_scalar("eval/real_return", real["mean"], env_steps)
+                    line += f" real env {real['mean']:.1f} ± {real['std']:.1f} over {args.eval_episodes} tracks,"
+                    metrics["real_return"] = real["mean"]
                 for key, value in (extra_eval(shipped) if extra_eval else {}).items():
                     writer.add_scalar(f"eval/{key}", value, env_steps)
-                    line += f", {key.replace('_', ' ')} {value:.1f}"
+                    line += f" {key.replace('_', ' ')} {value:.1f},"
                     metrics[key] = value
-                bar.write(line)
-                metrics["real_return"] = real["mean"]
+                bar.write(line.rstrip(","))
             bar.update(frames_per_update)
             bar.set_postfix(ret=f"{metrics.get(f'{envs.kind}_episode_return', float('nan')):.1f}",
                             sps=f"{metrics['steps_per_second']:.0f}", kl=f"{metrics['approx_kl']:.3f}", refresh=False)

@@ -1,6 +1,7 @@
 """The dream: its noise streams, its clock, imagination from replayed real states, and the dream loop."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from test_controllers import gas_pays_world_model
 
 from actor_critic import ActorCritic, ControllerConfig
-from agent import controller_path, load_agent
+from agent import agent_dir_and_controller, controller_path, load_agent
 from conftest import make_checkpoint_dir, run_script, save_linear_controller
 from dream import (
     EVAL_DREAM_SEED,
@@ -230,3 +231,26 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     assert other.returncode == 2 and "run with other data_dir" in other.stderr and "Traceback" not in other.stderr
     missing = run_script("train_ppo_in_dream.py", "--ckpt-dir", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_dream_loop_trains_an_ensemble_that_drives(tmp_path):
+    """--members 2: two world models and controllers (own seeds) on one data set; their ensemble drives round 1."""
+    ckpt = make_checkpoint_dir(tmp_path, action_repeat=4)
+    (ckpt / "world_model.pt").unlink()
+    common = ["train_dream_loop.py", "--data-dir", str(tmp_path / "data"), "--ckpt-dir", str(ckpt), "--log-dir",
+              str(tmp_path / "runs"), "--random-episodes", "3", "--episodes-per-round", "1", "--wm-epochs", "1",
+              "--wm-epochs-per-round", "1", "--updates-per-round", "1", "--num-envs", "8", "--horizon", "4",
+              "--check-episodes", "1", "--workers", "1", "--max-steps", "40"]
+    result = run_script(*common, "--rounds", "2", "--members", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ensemble of 2: real env") == 2 and "== round 1:" in result.stdout
+    ensemble = load_agent(ckpt, "ensemble")
+    assert len(ensemble.members) == 2 and agent_dir_and_controller(ckpt, None) == (ckpt, "ensemble")
+    weights = [torch.load(d / "controller_ppo_dream.pt", weights_only=True)["state_dict"]["actor.0.weight"]
+               for d in (ckpt, ckpt / "member1")]
+    assert not torch.equal(*weights), "each member trains with its own seed"
+    records = json.loads((ckpt / "dream_loop.json").read_text())["rounds"]
+    assert all(math.isfinite(r["real_return"]) and math.isfinite(r["dream_return"]) for r in records)
+    assert len(list_episodes(tmp_path / "data", ["round1"])) == 1
+    other = run_script(*common, "--rounds", "3")  # the same run with one member is another recipe
+    assert other.returncode == 2 and "members=2" in other.stderr and "Traceback" not in other.stderr
