@@ -176,7 +176,12 @@ def load_controller(path: Path, ckpt_dir: Path, world_model_path: Path, device="
     try:
         config = ControllerConfig(**checkpoint["config"])
         model = build_controller(config)
-        model.load_state_dict(checkpoint["state_dict"])
+        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+        # a play-only copy (make_ensemble.py --drop-critic) lacks the critic, which playing never uses
+        critic = {key for key in model.state_dict() if key.startswith("critic.")}
+        allowed = critic if checkpoint.get("play_only") else set()
+        if unexpected or not set(missing) <= allowed:
+            raise KeyError(f"missing {missing}, unexpected {unexpected}")
     except (TypeError, KeyError, ValueError, RuntimeError) as error:
         raise UserError(f"checkpoint {path} is not a controller checkpoint ({type(error).__name__}); run {script}")
     for part, part_path in (("vae", Path(ckpt_dir) / "vae.pt"), ("world_model", world_model_path)):

@@ -18,6 +18,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from agent import CONTROLLER_SCRIPTS, ControllerName, controller_path, load_agent, load_controller
 from utils import UserError, atomic_write, checkpoint_identity, file_sha256, run_main, save_checkpoint
 
@@ -30,12 +32,24 @@ class Args:
     """where the ensemble agent is written (may be the first member's dir)"""
     controller: ControllerName = "ppo_dream"
     """which controller of each member dir"""
+    drop_critic: bool = False
+    """write the controllers' copies without their critics: half the size, and the actor alone plays (PPO cannot go
+    on from them); OUT_DIR must then be a dir of its own"""
 
 
 def copy_file(source: Path, target: Path) -> None:
     if source.resolve() != target.resolve():
         with open(source, "rb") as f:
             atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+
+
+def copy_controller(source: Path, target: Path, drop_critic: bool) -> None:
+    if not drop_critic:
+        return copy_file(source, target)
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
+                                if not key.startswith("critic.")}
+    save_checkpoint(target, checkpoint | {"play_only": True})
 
 
 def main(args: Args) -> None:
@@ -51,13 +65,15 @@ def main(args: Args) -> None:
         load_controller(controller_path(member, args.controller), base, member / "world_model.pt", script=script)
     if any(member.resolve() == args.out_dir.resolve() for member in args.members[1:]):
         raise UserError(f"--out-dir {args.out_dir} is a member other than the first: choose another dir")
+    if args.drop_critic and args.out_dir.resolve() == base.resolve():
+        raise UserError("--drop-critic writes play-only copies: choose an --out-dir that is not a member")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     controller_file = controller_path(base, args.controller).name
     files = []  # (world model, controller) of each member, relative to OUT_DIR
     for index, member in enumerate(args.members):
         subdir = Path(f"member{index}") if index else Path()
-        for name in ("world_model.pt", controller_file):
-            copy_file(member / name, args.out_dir / subdir / name)
+        copy_file(member / "world_model.pt", args.out_dir / subdir / "world_model.pt")
+        copy_controller(member / controller_file, args.out_dir / subdir / controller_file, args.drop_critic)
         files.append((subdir / "world_model.pt", subdir / controller_file))
     copy_file(base / "vae.pt", args.out_dir / "vae.pt")
     members = [{"world_model": world_model.as_posix(), "controller": controller.as_posix(),
@@ -66,7 +82,7 @@ def main(args: Args) -> None:
     save_checkpoint(controller_path(args.out_dir, "ensemble"), {
         "config": {"members": members}, "state_dict": {},  # (no weights of its own: the members' files hold them)
         "args": {"members": [str(m) for m in args.members], "controller": args.controller,
-                 "out_dir": str(args.out_dir)},
+                 "out_dir": str(args.out_dir), "drop_critic": args.drop_critic},
         "vae": checkpoint_identity(args.out_dir / "vae.pt")})
     agent = load_agent(args.out_dir, "ensemble")  # the ensemble as every consumer will load it
     print(f"ensemble of {len(agent.members)} {args.controller} controllers (from {', '.join(map(str, args.members))}) "

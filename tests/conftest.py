@@ -65,3 +65,16 @@ def save_linear_controller(ckpt, seed: int = 0):
     save_checkpoint(controller_path(ckpt, "cmaes"), {
         "config": plain(config), "state_dict": LinearController(config).state_dict(),
         "vae": checkpoint_identity(ckpt / "vae.pt"), "world_model": checkpoint_identity(ckpt / "world_model.pt")})
+
+
+def save_actor_critic(ckpt, name: str = "ppo_dream", seed: int = 0, action_repeat: int = 1):
+    """A random PPO controller (actor and critic) for the tiny agent as controller NAME of CKPT."""
+    from actor_critic import ActorCritic, ControllerConfig
+    from agent import controller_path
+    from utils import checkpoint_identity, plain, save_checkpoint
+
+    torch.manual_seed(seed)
+    config = ControllerConfig(kind="actor_critic", obs_dim=4 + 16, hidden_dim=8, action_repeat=action_repeat)
+    save_checkpoint(controller_path(ckpt, name), {
+        "config": plain(config), "state_dict": ActorCritic(config).state_dict(),
+        "vae": checkpoint_identity(ckpt / "vae.pt"), "world_model": checkpoint_identity(ckpt / "world_model.pt")})

@@ -8,9 +8,8 @@ import pytest
 import torch
 from test_controllers import gas_pays_world_model
 
-from actor_critic import ActorCritic, ControllerConfig
 from agent import agent_dir_and_controller, controller_path, load_agent
-from conftest import make_checkpoint_dir, run_script, save_linear_controller
+from conftest import make_checkpoint_dir, run_script, save_actor_critic, save_linear_controller
 from dream import (
     EVAL_DREAM_SEED,
     BatchedDream,
@@ -23,7 +22,7 @@ from dream import (
 from episodes import episode_path, list_episodes, load_episode
 from rollouts import collect_episodes, evaluate_agent
 from train_cmaes_in_dream import generation_seeds
-from utils import UserError, checkpoint_identity, plain, save_checkpoint
+from utils import UserError, save_checkpoint
 from world_model import WorldModelConfig, build_world_model
 
 TINY = WorldModelConfig(arch="mdn", latent_dim=4, hidden_dim=16, num_mixtures=3)
@@ -180,10 +179,7 @@ def test_world_model_stage_trains_at_the_episodes_clock(tmp_path):
 
 def test_an_agent_decides_at_its_world_models_clock(tmp_path):
     ckpt = make_checkpoint_dir(tmp_path, action_repeat=4)
-    config = ControllerConfig(kind="actor_critic", obs_dim=20, hidden_dim=8, action_repeat=1)
-    save_checkpoint(controller_path(ckpt, "ppo"), {
-        "config": plain(config), "state_dict": ActorCritic(config).state_dict(),
-        "vae": checkpoint_identity(ckpt / "vae.pt"), "world_model": checkpoint_identity(ckpt / "world_model.pt")})
+    save_actor_critic(ckpt, "ppo")  # (deciding every frame)
     with pytest.raises(UserError, match="decides every 1 frames but .* steps every 4"):
         load_agent(ckpt, "ppo")
 

@@ -9,7 +9,7 @@ import torch
 import cluster
 import make_ensemble
 from agent import agent_dir_and_controller, agent_files_of, load_agent
-from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, run_script, save_linear_controller
+from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, run_script, save_actor_critic, save_linear_controller
 from rollouts import evaluate_agent
 from utils import UserError, checkpoint_identity, plain, save_checkpoint
 from world_model import WorldModelConfig, build_world_model
@@ -94,6 +94,32 @@ def test_ensemble_refuses_mismatched_or_changed_members(tmp_path, members):
     result = run_script("evaluate.py", "--ckpt-dir", str(members[0]), "--episodes", "1", "--max-steps", "5",
                         "--workers", "1")
     assert result.returncode == 2 and "has changed since" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_play_only_copies_drop_the_critic_and_act_the_same(tmp_path, members):
+    for seed, member in enumerate(members):
+        save_actor_critic(member, seed=seed)
+    whole, lean = tmp_path / "whole", tmp_path / "lean"
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=whole))
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=lean, drop_critic=True))
+    for name in ("controller_ppo_dream.pt", "member2/controller_ppo_dream.pt"):
+        state = torch.load(lean / name, weights_only=True)["state_dict"]
+        assert state and not any(key.startswith("critic.") for key in state)
+        assert (lean / name).stat().st_size < (whole / name).stat().st_size
+    frames = np.random.default_rng(1).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    agents = [load_agent(d, "ensemble") for d in (whole, lean)]
+    for frame in frames:
+        np.testing.assert_array_equal(agents[0].act(frame), agents[1].act(frame))
+    with pytest.raises(UserError, match="not a member"):
+        make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[0], drop_critic=True))
+    # only a copy marked play-only may lack the critic, and nothing else
+    checkpoint = torch.load(lean / "controller_ppo_dream.pt", weights_only=True)
+    for damaged in ({k: v for k, v in checkpoint.items() if k != "play_only"},
+                    checkpoint | {"state_dict": {k: v for k, v in checkpoint["state_dict"].items()
+                                                 if k != "actor.0.weight"}}):
+        save_checkpoint(lean / "controller_ppo_dream.pt", damaged)
+        with pytest.raises(UserError, match="not a controller checkpoint"):
+            load_agent(lean, "ppo_dream")
 
 
 def test_shipped_dream_ensemble_loads_and_fits_the_size_limit():
