@@ -5,6 +5,8 @@ Writes: DATA_DIR/rollouts/random/ (round 0: Brownian episodes) and DATA_DIR/roll
         dream-trained controller drove, with exploration noise, on tracks of their own), CKPT_DIR/vae.pt,
         world_model.pt, controller_ppo_dream.pt (+ their *_latest.pt), CKPT_DIR/dream_loop.json (one record
         per finished round) and CKPT_DIR/dream_loop.png (the dream-to-real gap curve); logs under LOG_DIR.
+        With MEMBERS > 1 also CKPT_DIR/member<i>/ (member i's VAE copy, world model and controller) and
+        CKPT_DIR/controller_ensemble.pt (the ensemble of all members, make_ensemble.py).
 
 Round r (0 .. ROUNDS-1):
   1. collect: round 0 drives RANDOM_EPISODES random episodes; round r >= 1 lets the current controller drive
@@ -15,9 +17,11 @@ Round r (0 .. ROUNDS-1):
      those around a loss of the road drawn CRITICAL_WEIGHT times as often (train_ppo_in_dream.py), going on
      from the previous round's weights;
   4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks.
-The real env only supplies the world model's data: the check is printed and logged, never trained on or
-used to choose; the controller shipped is the last one. A kill at any moment resumes: finished rounds are
-in dream_loop.json, and each stage of the current round resumes from its own checkpoint.
+With MEMBERS > 1, steps 2 and 3 run for every member (seed SEED + i, in its own world model's dream), the
+ensemble of their controllers (the mean action) drives step 1 and plays the real check, and the dream return
+is the members' mean. The real env only supplies the world model's data: the check is printed and logged,
+never trained on or used to choose; the controllers shipped are the last ones. A kill at any moment resumes:
+finished rounds are in dream_loop.json, and each stage of the current round resumes from its own checkpoint.
 """
 
 from __future__ import annotations

@@ -316,6 +316,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                     line += f" {key.replace('_', ' ')} {value:.1f},"
                     metrics[key] = value
                 bar.write(line.rstrip(","))
+                # the checks' figures too, so a re-run that finds nothing to do returns them
+                save_stage(out_path, latest_path, checkpoint | {"metrics": metrics}, resume_state, write_out=False)
             bar.update(frames_per_update)
             bar.set_postfix(ret=f"{metrics.get(f'{envs.kind}_episode_return', float('nan')):.1f}",
                             sps=f"{metrics['steps_per_second']:.0f}", kl=f"{metrics['approx_kl']:.3f}", refresh=False)

@@ -144,6 +144,13 @@ def test_ppo_in_imagination_learns_to_press_the_gas(tmp_path):
     gas = np.mean([agent.act(np.zeros((64, 64, 3), np.uint8))[1] for _ in range(5)])
     assert gas > 0.72, f"the initial policy's gas is 0.5; trained {gas:.2f}"
 
+    # one more update, checked in the dream only (no real tracks): a re-run with nothing to do returns that check
+    args.total_steps, args.eval_every, args.eval_episodes = 32 * 4 * 26, 1, 0
+    for _ in range(2):
+        envs = ImaginedFeatureEnvs(BatchedDream(model, starts.z[:2], torch.zeros(2, 4), 32, max_steps=1000), starts, 4)
+        metrics = train_ppo(args, envs, "ppo_dream", torch.device("cpu"), lambda model: {"dream_return": 1.5})
+        assert metrics["dream_return"] == 1.5 and "real_return" not in metrics
+
 
 def test_collection_keeps_one_step_per_decision_at_the_action_repeat(tmp_path):
     collect_episodes(tmp_path / "data", [3], max_steps=40, workers=1, policy_kwargs={"action_repeat": 4},
