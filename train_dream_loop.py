@@ -4,9 +4,12 @@ Reads:  nothing but what it writes itself (CKPT_DIR/vae.pt is trained on round 0
 Writes: DATA_DIR/rollouts/random/ (round 0: Brownian episodes) and DATA_DIR/rollouts/round<r>/ (episodes the
         dream-trained controller drove, with exploration noise, on tracks of their own), CKPT_DIR/vae.pt,
         world_model.pt, controller_ppo_dream.pt (+ their *_latest.pt), CKPT_DIR/dream_loop.json (one record
-        per finished round) and CKPT_DIR/dream_loop.png (the dream-to-real gap curve); logs under LOG_DIR.
-        With MEMBERS > 1 also CKPT_DIR/member<i>/ (member i's VAE copy, world model and controller) and
-        CKPT_DIR/controller_ensemble.pt (the ensemble of all members, make_ensemble.py).
+        per finished round), CKPT_DIR/dream_loop.png (the dream-to-real gap curve) and CKPT_DIR/rounds/round<r>/
+        (the world model and controller as they were at the end of round r: controllers of several rounds can
+        act together, make_ensemble.py --members CKPT_DIR CKPT_DIR/rounds/round<r> ...); logs under LOG_DIR.
+        With MEMBERS > 1 also CKPT_DIR/member<i>/ (member i's VAE copy, world model and controller, and its
+        rounds in CKPT_DIR/rounds/round<r>/member<i>/) and CKPT_DIR/controller_ensemble.pt (the ensemble of all
+        members, make_ensemble.py).
 
 Round r (0 .. ROUNDS-1):
   1. collect: round 0 drives RANDOM_EPISODES random episodes; round r >= 1 lets the current controller drive
@@ -176,6 +179,21 @@ def train_member(args: Args, round_index: int, index: int) -> dict:
         max_steps=args.max_steps))
 
 
+def round_dir(args: Args, round_index: int, index: int = 0) -> Path:
+    """Where round ROUND_INDEX's world model and controller of member INDEX are kept."""
+    return args.ckpt_dir / "rounds" / f"round{round_index}" / (f"member{index}" if index else "")
+
+
+def keep_round(args: Args, round_index: int) -> None:
+    """Copy every member's world model and controller as they are at the end of ROUND_INDEX (2.9 MB a member), so
+    that controllers of several rounds can act together (make_ensemble.py: a snapshot ensemble of one run)."""
+    for index in range(args.members):
+        source, target = member_dir(args, index), round_dir(args, round_index, index)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("world_model.pt", "controller_ppo_dream.pt"):
+            make_ensemble.copy_file(source / name, target / name)
+
+
 def data_frames(data_dir: Path) -> int:
     """Real env frames in the episode files (decisions x their action repeat)."""
     episodes = (load_episode(path, ("reward", "action_repeat")) for path in list_episodes(data_dir))
@@ -254,6 +272,7 @@ def main(args: Args) -> None:
             train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
                                           epochs=args.vae_epochs, seed=args.seed, collect=False, device=args.device))
         metrics = [train_member(args, round_index, index) for index in range(args.members)]
+        keep_round(args, round_index)
         dream = float(np.mean([m.get("dream_return", math.nan) for m in metrics]))  # each member in its own dream
         if args.members > 1:
             make_ensemble.main(make_ensemble.Args(members=[member_dir(args, i) for i in range(args.members)],
