@@ -22,7 +22,7 @@ from dream import (
 from episodes import episode_path, list_episodes, load_episode
 from rollouts import collect_episodes, evaluate_agent
 from train_cmaes_in_dream import generation_seeds
-from utils import UserError, save_checkpoint
+from utils import UserError, file_sha256, save_checkpoint
 from world_model import WorldModelConfig, build_world_model
 
 TINY = WorldModelConfig(arch="mdn", latent_dim=4, hidden_dim=16, num_mixtures=3)
@@ -229,6 +229,13 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     assert [r["round"] for r in records] == [0, 1] and records[1]["real_frames"] > records[0]["real_frames"]
     assert len(list_episodes(tmp_path / "data", ["round1"])) == 1 and (ckpt / "dream_loop.png").exists()
     assert load_agent(ckpt, "ppo_dream").action_repeat == 4
+    kept = [ckpt / "rounds" / f"round{r}" for r in (0, 1)]  # each round's world model and controller, as they were
+    assert file_sha256(kept[1] / "controller_ppo_dream.pt") == file_sha256(ckpt / "controller_ppo_dream.pt")
+    assert file_sha256(kept[0] / "world_model.pt") != file_sha256(kept[1] / "world_model.pt")
+    snapshots = run_script("make_ensemble.py", "--members", str(ckpt), str(kept[0]), "--out-dir",
+                           str(tmp_path / "snapshots"), "--drop-critic")  # rounds 1 and 0 act together
+    assert snapshots.returncode == 0, snapshots.stderr
+    assert len(load_agent(tmp_path / "snapshots", "ensemble").members) == 2
     other = run_script(*[arg if arg != str(tmp_path / "data") else str(tmp_path / "other") for arg in common],
                        "--rounds", "3")
     assert other.returncode == 2 and "run with other data_dir" in other.stderr and "Traceback" not in other.stderr
@@ -255,5 +262,7 @@ def test_the_dream_loop_trains_an_ensemble_that_drives(tmp_path):
     records = json.loads((ckpt / "dream_loop.json").read_text())["rounds"]
     assert all(math.isfinite(r["real_return"]) and math.isfinite(r["dream_return"]) for r in records)
     assert len(list_episodes(tmp_path / "data", ["round1"])) == 1
+    assert file_sha256(ckpt / "rounds" / "round1" / "member1" / "world_model.pt") == file_sha256(
+        ckpt / "member1" / "world_model.pt")
     other = run_script(*common, "--rounds", "3")  # the same run with one member is another recipe
     assert other.returncode == 2 and "members=2" in other.stderr and "Traceback" not in other.stderr
