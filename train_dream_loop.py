@@ -9,7 +9,8 @@ Writes: DATA_DIR/rollouts/random/ (round 0: Brownian episodes) and DATA_DIR/roll
         act together, make_ensemble.py --members CKPT_DIR CKPT_DIR/rounds/round<r> ...); logs under LOG_DIR.
         With MEMBERS > 1 also CKPT_DIR/member<i>/ (member i's VAE copy, world model and controller, and its
         rounds in CKPT_DIR/rounds/round<r>/member<i>/) and CKPT_DIR/controller_ensemble.pt (the ensemble of all
-        members, make_ensemble.py).
+        members, make_ensemble.py). With SNAPSHOTS > 1, CKPT_DIR/member<i>/ and controller_ensemble.pt hold the
+        snapshot ensemble instead.
 
 Round r (0 .. ROUNDS-1):
   1. collect: round 0 drives RANDOM_EPISODES random episodes; round r >= 1 lets the current controller drive
@@ -19,12 +20,16 @@ Round r (0 .. ROUNDS-1):
   3. controller: UPDATES_PER_ROUND PPO updates in imagination started from the real states of every episode,
      those around a loss of the road drawn CRITICAL_WEIGHT times as often (train_ppo_in_dream.py), going on
      from the previous round's weights;
-  4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks.
+  4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks;
+  5. keep: the round's world model and controller are copied to CKPT_DIR/rounds/round<r>/.
 With MEMBERS > 1, steps 2 and 3 run for every member (seed SEED + i, in its own world model's dream), the
 ensemble of their controllers (the mean action) drives step 1 and plays the real check, and the dream return
-is the members' mean. The real env only supplies the world model's data: the check is printed and logged,
-never trained on or used to choose; the controllers shipped are the last ones. A kill at any moment resumes:
-finished rounds are in dream_loop.json, and each stage of the current round resumes from its own checkpoint.
+is the members' mean. With SNAPSHOTS > 1 the agent of CKPT_DIR is, once the last round is done, the ensemble of
+the last round's controller and those of SNAPSHOTS - 1 earlier rounds, fixed in advance (a snapshot ensemble).
+The real env only supplies the world model's data: the check is printed and logged, never trained on or used to
+choose; the controllers shipped are those of the last round (and of the fixed earlier ones). A kill at any
+moment resumes: finished rounds are in dream_loop.json, and each stage of the current round resumes from its
+own checkpoint.
 """
 
 from __future__ import annotations
@@ -115,6 +120,11 @@ class Args:
     """> 1: so many world models and dream-trained controllers (member i in CKPT_DIR/member<i>/, seed SEED + i) learn
     from the same episodes, and their ensemble (make_ensemble.py: the mean of their actions) drives, is checked
     and is the agent of CKPT_DIR"""
+    snapshots: int = 1
+    """> 1: the agent of CKPT_DIR is the ensemble of the last round's controller and SNAPSHOTS - 1 earlier rounds'
+    ones, SNAPSHOT_SPACING rounds apart, each in its own world model (make_ensemble.py; 1: the last controller)"""
+    snapshot_spacing: int = 2
+    """rounds between the controllers of a snapshot ensemble"""
 
 
 def collect_round(args: Args, round_index: int) -> list[float]:
@@ -194,6 +204,11 @@ def keep_round(args: Args, round_index: int) -> None:
             make_ensemble.copy_file(source / name, target / name)
 
 
+def snapshot_rounds(args: Args) -> list[int]:
+    """The earlier rounds whose controllers act with the last one (last first: [11, 9] for 14 rounds, 3 snapshots)."""
+    return [args.rounds - 1 - k * args.snapshot_spacing for k in range(1, args.snapshots)]
+
+
 def data_frames(data_dir: Path) -> int:
     """Real env frames in the episode files (decisions x their action repeat)."""
     episodes = (load_episode(path, ("reward", "action_repeat")) for path in list_episodes(data_dir))
@@ -260,6 +275,11 @@ def main(args: Args) -> None:
            args.wm_epochs, args.check_episodes) < 1:
         raise UserError("--rounds, --random-episodes, --episodes-per-round, --action-repeat, --updates-per-round, "
                         "--wm-epochs and --check-episodes must be at least 1")
+    if args.snapshots < 1 or args.snapshot_spacing < 1 or min(snapshot_rounds(args), default=0) < 0:
+        raise UserError(f"--snapshots {args.snapshots} with --snapshot-spacing {args.snapshot_spacing} needs rounds "
+                        f"that exist: at least 1 each, and (snapshots - 1) x spacing below --rounds {args.rounds}")
+    if args.snapshots > 1 and args.members > 1:
+        raise UserError("--snapshots and --members both make CKPT_DIR's ensemble: use one of them")
     loop_path = args.ckpt_dir / LOOP_FILE
     records = load_records(loop_path, args)
     if records:
@@ -301,6 +321,10 @@ def main(args: Args) -> None:
               f"dream return {record['dream_return']:.1f}, real check {record['real_return']:.1f} "
               f"over {args.check_episodes} tracks")
     print(f"dream-trained controller in {args.ckpt_dir / 'controller_ppo_dream.pt'}; rounds in {loop_path}")
+    if args.snapshots > 1:  # (again on a re-run: it is cheap, and the last round may have changed)
+        make_ensemble.main(make_ensemble.Args(
+            members=[args.ckpt_dir] + [round_dir(args, r) for r in snapshot_rounds(args)], out_dir=args.ckpt_dir,
+            controller="ppo_dream"))
 
 
 if __name__ == "__main__":

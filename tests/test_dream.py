@@ -232,10 +232,14 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     kept = [ckpt / "rounds" / f"round{r}" for r in (0, 1)]  # each round's world model and controller, as they were
     assert file_sha256(kept[1] / "controller_ppo_dream.pt") == file_sha256(ckpt / "controller_ppo_dream.pt")
     assert file_sha256(kept[0] / "world_model.pt") != file_sha256(kept[1] / "world_model.pt")
-    snapshots = run_script("make_ensemble.py", "--members", str(ckpt), str(kept[0]), "--out-dir",
-                           str(tmp_path / "snapshots"), "--drop-critic")  # rounds 1 and 0 act together
-    assert snapshots.returncode == 0, snapshots.stderr
-    assert len(load_agent(tmp_path / "snapshots", "ensemble").members) == 2
+    too_far = run_script(*common, "--rounds", "2", "--snapshots", "3", "--snapshot-spacing", "1")
+    assert too_far.returncode == 2 and "needs rounds that exist" in too_far.stderr and "Traceback" not in too_far.stderr
+    snapshots = run_script(*common, "--rounds", "2", "--snapshots", "2", "--snapshot-spacing", "1")
+    assert snapshots.returncode == 0, snapshots.stderr  # nothing left to train: rounds 1 and 0 act together
+    assert "resuming: 2 rounds done" in snapshots.stdout and "== round" not in snapshots.stdout
+    ensemble = load_agent(ckpt, "ensemble")
+    assert len(ensemble.members) == 2 and agent_dir_and_controller(ckpt, None) == (ckpt, "ensemble")
+    assert file_sha256(ckpt / "member1" / "world_model.pt") == file_sha256(kept[0] / "world_model.pt")
     other = run_script(*[arg if arg != str(tmp_path / "data") else str(tmp_path / "other") for arg in common],
                        "--rounds", "3")
     assert other.returncode == 2 and "run with other data_dir" in other.stderr and "Traceback" not in other.stderr
