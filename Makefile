@@ -38,16 +38,19 @@ TRAIN_EPISODES ?= 200
 VAE_EPOCHS ?= 12
 PPO_STEPS ?= 1000000
 EVAL_EPISODES ?= 100
+SEED ?= 0
 STAGE_TIMES = $(CKPT_DIR)/stage_times.tsv
 timed = mkdir -p $(CKPT_DIR) && start=$$(date +%s) && $(2) && echo "$(1)	$$(( $$(date +%s) - start ))" >> $(STAGE_TIMES)
 
 train: venv
-	$(call timed,collect,$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes $(TRAIN_EPISODES) --workers 2 --env-backend $(BACKEND))
-	$(call timed,vae,$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs $(VAE_EPOCHS))
+	$(call timed,collect,$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes $(TRAIN_EPISODES) --workers 2 --env-backend $(BACKEND) \
+		--seed $$((1000 * $(SEED))))
+	$(call timed,vae,$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs $(VAE_EPOCHS) \
+		--seed $(SEED))
 	$(call timed,world_model,$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) \
-		--log-dir $(LOG_DIR) --arch $(WM_ARCH))
+		--log-dir $(LOG_DIR) --arch $(WM_ARCH) --seed $(SEED))
 	$(call timed,ppo,$(PY) train_ppo.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --total-steps $(PPO_STEPS) \
-		--eval-every 40)
+		--eval-every 40 --seed $(SEED))
 	$(call timed,evaluate,$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller ppo --episodes $(EVAL_EPISODES))
 	$(call timed,video,$(PY) create_video.py --ckpt-dir $(CKPT_DIR) --controller ppo --mode play \
 		--out $(CKPT_DIR)/agent_ppo.mp4)

@@ -2,6 +2,9 @@
 VAE; the action is the mean of theirs (agent.Agent). Dream-trained controllers of runs with other seeds fail on
 other tracks, so their mean fails on fewer.
 
+Members may be controllers of different kinds (--controller ppo ppo_dream: a PPO controller trained in the real env
+beside a dream-trained one); each is played exactly as it was trained, only the action is shared.
+
 Reads:  each of MEMBERS (checkpoint dirs): world_model.pt and controller_<CONTROLLER>.pt, all trained on the first
         member's vae.pt (for a dream loop with another --seed, copy that vae.pt into its --ckpt-dir before it
         starts: the loop then uses it instead of training its own).
@@ -30,8 +33,8 @@ class Args:
     """checkpoint dirs of the members, two or more (the first gives the VAE and the world model of OUT_DIR)"""
     out_dir: Path = Path("checkpoints/ensemble")
     """where the ensemble agent is written (may be the first member's dir)"""
-    controller: ControllerName = "ppo_dream"
-    """which controller of each member dir"""
+    controller: list[ControllerName] = field(default_factory=lambda: ["ppo_dream"])
+    """which controller of each member dir: one name for all, or one name per member"""
     drop_critic: bool = False
     """write the controllers' copies without their critics: half the size, and the actor alone plays (PPO cannot go
     on from them); OUT_DIR must then be a dir of its own"""
@@ -55,23 +58,29 @@ def copy_controller(source: Path, target: Path, drop_critic: bool) -> None:
 def main(args: Args) -> None:
     if len(args.members) < 2:
         raise UserError("--members needs two or more checkpoint dirs")
-    if args.controller == "ensemble":
-        raise UserError("--controller names the members' controller: ppo, ppo_dream or cmaes")
-    base, script = args.members[0], CONTROLLER_SCRIPTS[args.controller]
-    for member in args.members:
+    names = [args.controller] if isinstance(args.controller, str) else list(args.controller)
+    if len(names) == 1:
+        names *= len(args.members)
+    if len(names) != len(args.members):
+        raise UserError(f"--controller names {len(names)} controllers for {len(args.members)} members: "
+                        "give one name for all, or one per member")
+    if "ensemble" in names:
+        raise UserError("--controller names the members' controllers: ppo, ppo_dream or cmaes")
+    base = args.members[0]
+    for member, name in zip(args.members, names):
         if not member.is_dir():
             raise UserError(f"member {member} is not a checkpoint dir")
         # each member's controller must have been trained on the base VAE and on its own world model
-        load_controller(controller_path(member, args.controller), base, member / "world_model.pt", script=script)
+        load_controller(controller_path(member, name), base, member / "world_model.pt", script=CONTROLLER_SCRIPTS[name])
     if any(member.resolve() == args.out_dir.resolve() for member in args.members[1:]):
         raise UserError(f"--out-dir {args.out_dir} is a member other than the first: choose another dir")
     if args.drop_critic and args.out_dir.resolve() == base.resolve():
         raise UserError("--drop-critic writes play-only copies: choose an --out-dir that is not a member")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    controller_file = controller_path(base, args.controller).name
     files = []  # (world model, controller) of each member, relative to OUT_DIR
-    for index, member in enumerate(args.members):
+    for index, (member, name) in enumerate(zip(args.members, names)):
         subdir = Path(f"member{index}") if index else Path()
+        controller_file = controller_path(member, name).name
         copy_file(member / "world_model.pt", args.out_dir / subdir / "world_model.pt")
         copy_controller(member / controller_file, args.out_dir / subdir / controller_file, args.drop_critic)
         files.append((subdir / "world_model.pt", subdir / controller_file))
@@ -81,12 +90,12 @@ def main(args: Args) -> None:
                 "source": str(member)} for (world_model, controller), member in zip(files, args.members)]
     save_checkpoint(controller_path(args.out_dir, "ensemble"), {
         "config": {"members": members}, "state_dict": {},  # (no weights of its own: the members' files hold them)
-        "args": {"members": [str(m) for m in args.members], "controller": args.controller,
+        "args": {"members": [str(m) for m in args.members], "controller": names,
                  "out_dir": str(args.out_dir), "drop_critic": args.drop_critic},
         "vae": checkpoint_identity(args.out_dir / "vae.pt")})
     agent = load_agent(args.out_dir, "ensemble")  # the ensemble as every consumer will load it
-    print(f"ensemble of {len(agent.members)} {args.controller} controllers (from {', '.join(map(str, args.members))}) "
-          f"in {controller_path(args.out_dir, 'ensemble')}")
+    print(f"ensemble of {len(agent.members)} controllers ({', '.join(names)}; from "
+          f"{', '.join(map(str, args.members))}) in {controller_path(args.out_dir, 'ensemble')}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,22 @@ def test_ensemble_acts_as_the_mean_of_its_members(tmp_path, members):
     assert result["controller"] == "ensemble" and len(result["returns"]) == 1
 
 
+def test_ensemble_of_controllers_of_different_kinds(tmp_path, members):
+    """A real-env PPO controller beside dream-trained ones: each member plays its own kind, one action shared."""
+    save_actor_critic(members[1], "ppo", seed=5)
+    out = tmp_path / "mixed"
+    with pytest.raises(UserError, match="one name for all, or one per member"):
+        make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes", "ppo"]))
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes", "ppo", "cmaes"]))
+    assert (out / "member1" / "controller_ppo.pt").is_file() and not (out / "member1" / "controller_cmaes.pt").exists()
+    ensemble = load_agent(out, "ensemble")
+    singles = [load_agent(member, name) for member, name in zip(members, ["cmaes", "ppo", "cmaes"])]
+    frame = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = torch.stack([single.controller(single.features.observe(frame[None])) for single in singles]).mean(0)
+    np.testing.assert_allclose(ensemble.act(frame), expected[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_ensemble_refuses_mismatched_or_changed_members(tmp_path, members):
     out = tmp_path / "ensemble"
     with pytest.raises(UserError, match="two or more"):
