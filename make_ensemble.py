@@ -10,9 +10,10 @@ Reads:  each of MEMBERS (checkpoint dirs): world_model.pt and controller_<CONTRO
         starts: the loop then uses it instead of training its own).
 Writes: OUT_DIR/vae.pt, world_model.pt and controller_<CONTROLLER>.pt: the first member's (copied, unless OUT_DIR is
         that member); OUT_DIR/member<i>/world_model.pt and controller_<CONTROLLER>.pt for every other member i;
-        OUT_DIR/controller_ensemble.pt: the members' files and their hashes. Play it with evaluate.py,
-        play_game.py or create_video.py --ckpt-dir OUT_DIR (the ensemble is their default controller there;
-        a dream video shows the first member in its own dream).
+        OUT_DIR/controller_ensemble.pt: the members' files and their hashes. A member dir inside OUT_DIR (say
+        OUT_DIR/dream/, an agent shipped beside it) is not copied: the ensemble names its files where they are.
+        Play it with evaluate.py, play_game.py or create_video.py --ckpt-dir OUT_DIR (the ensemble is their
+        default controller there; a dream video shows the first member in its own dream).
 """
 
 from __future__ import annotations
@@ -74,12 +75,16 @@ def main(args: Args) -> None:
         load_controller(controller_path(member, name), base, member / "world_model.pt", script=CONTROLLER_SCRIPTS[name])
     if any(member.resolve() == args.out_dir.resolve() for member in args.members[1:]):
         raise UserError(f"--out-dir {args.out_dir} is a member other than the first: choose another dir")
-    if args.drop_critic and args.out_dir.resolve() == base.resolve():
-        raise UserError("--drop-critic writes play-only copies: choose an --out-dir that is not a member")
+    out_dir = args.out_dir.resolve()
+    inside = [member.resolve().is_relative_to(out_dir) for member in args.members]
+    if args.drop_critic and any(inside):
+        raise UserError("--drop-critic writes play-only copies: choose an --out-dir that holds no member")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     files = []  # (world model, controller) of each member, relative to OUT_DIR
     for index, (member, name) in enumerate(zip(args.members, names)):
-        subdir = Path(f"member{index}") if index else Path()
+        # a member inside OUT_DIR is named where it is (copying it onto itself is a no-op)
+        subdir = Path() if index == 0 else member.resolve().relative_to(out_dir) if inside[index] else Path(
+            f"member{index}")
         controller_file = controller_path(member, name).name
         copy_file(member / "world_model.pt", args.out_dir / subdir / "world_model.pt")
         copy_controller(member / controller_file, args.out_dir / subdir / controller_file, args.drop_critic)

@@ -71,6 +71,14 @@ def test_ensemble_of_controllers_of_different_kinds(tmp_path, members):
         make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes", "ppo"]))
     make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes", "ppo", "cmaes"]))
     assert (out / "member1" / "controller_ppo.pt").is_file() and not (out / "member1" / "controller_cmaes.pt").exists()
+    # a member dir inside OUT_DIR (an agent shipped beside it) is named where it is, not copied
+    inner = shutil.copytree(members[2], members[0] / "dream")
+    make_ensemble.main(make_ensemble.Args(members=[members[0], members[1], inner], out_dir=members[0],
+                                          controller=["cmaes", "ppo", "cmaes"]))
+    assert not (members[0] / "member2").exists()
+    assert load_agent(members[0], "ensemble").act(np.zeros((64, 64, 3), np.uint8)) == pytest.approx(
+        load_agent(out, "ensemble").act(np.zeros((64, 64, 3), np.uint8)))
+    assert members[0] / "dream" / "controller_cmaes.pt" in agent_files_of(members[0], "ensemble")
     ensemble = load_agent(out, "ensemble")
     singles = [load_agent(member, name) for member, name in zip(members, ["cmaes", "ppo", "cmaes"])]
     frame = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
@@ -126,7 +134,7 @@ def test_play_only_copies_drop_the_critic_and_act_the_same(tmp_path, members):
     agents = [load_agent(d, "ensemble") for d in (whole, lean)]
     for frame in frames:
         np.testing.assert_array_equal(agents[0].act(frame), agents[1].act(frame))
-    with pytest.raises(UserError, match="not a member"):
+    with pytest.raises(UserError, match="holds no member"):
         make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[0], drop_critic=True))
     # only a copy marked play-only may lack the critic, and nothing else
     checkpoint = torch.load(lean / "controller_ppo_dream.pt", weights_only=True)
