@@ -11,7 +11,7 @@ LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= mdn
 
-.PHONY: venv test lint train iterate dream dream-ensemble smoke bench chaos
+.PHONY: venv test lint train iterate dream dream-ensemble agent smoke bench chaos
 
 venv: $(VENV)/.installed
 
@@ -74,11 +74,14 @@ iterate: venv
 
 # Learning in the dream, one resumable command: random data -> VAE -> world model -> PPO in imagination from
 # replayed real states -> the controller collects -> ... (DREAM_ROUNDS rounds), then the 100-track evaluation.
-# The controller never sees a real return; the per-round real check is only printed and logged.
+# The controller never sees a real return; the per-round real check is only printed and logged. After `make train`
+# the loop starts from its VAE (CKPT_DIR/vae.pt, copied in), as the shipped runs did; else it trains its own.
 DREAM_ROUNDS ?= 10
 DREAM_DIR ?= $(CKPT_DIR)/dream
 DREAM_DATA ?= $(DATA_DIR)/dream
 dream: venv
+	mkdir -p $(DREAM_DIR)
+	if [ -f $(CKPT_DIR)/vae.pt ]; then cp -n $(CKPT_DIR)/vae.pt $(DREAM_DIR)/; fi
 	$(PY) train_dream_loop.py --data-dir $(DREAM_DATA) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
 		--env-backend $(BACKEND)
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller ppo_dream --episodes $(EVAL_EPISODES)
@@ -98,6 +101,13 @@ dream-ensemble: dream
 		--env-backend $(BACKEND) --seed $(ENSEMBLE_SEED)
 	$(PY) make_ensemble.py --members $(DREAM_DIR) $(SEED_DIR) --out-dir $(ENSEMBLE_DIR)
 	$(PY) evaluate.py --ckpt-dir $(ENSEMBLE_DIR) --controller ensemble --episodes $(EVAL_EPISODES)
+
+# The shipped agent (pretrained/'s layout): `make train`'s real-env PPO controller and `make dream`'s dream-trained
+# one act together on the one VAE (the mean of their actions; they fail on different tracks), each with its own
+# world model; CKPT_DIR/controller_ensemble.pt names them, DREAM_DIR inside CKPT_DIR is not copied.
+agent: train dream
+	$(PY) make_ensemble.py --members $(CKPT_DIR) $(DREAM_DIR) --controller ppo ppo_dream --out-dir $(CKPT_DIR)
+	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller ensemble --episodes $(EVAL_EPISODES)
 
 # The whole pipeline with the tiny preset (smoke.py's TINY, which the tests share), writing RUN_DIR/{data,checkpoints,runs}.
 smoke: venv
