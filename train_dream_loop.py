@@ -9,8 +9,8 @@ Writes: DATA_DIR/rollouts/random/ (round 0: Brownian episodes) and DATA_DIR/roll
         act together, make_ensemble.py --members CKPT_DIR CKPT_DIR/rounds/round<r> ...); logs under LOG_DIR.
         With MEMBERS > 1 also CKPT_DIR/member<i>/ (member i's VAE copy, world model and controller, and its
         rounds in CKPT_DIR/rounds/round<r>/member<i>/) and CKPT_DIR/controller_ensemble.pt (the ensemble of all
-        members, make_ensemble.py). With SNAPSHOTS > 1, CKPT_DIR/member<i>/ and controller_ensemble.pt hold the
-        snapshot ensemble instead.
+        members, make_ensemble.py). With SNAPSHOTS > 1, controller_ensemble.pt holds the snapshot ensemble instead,
+        naming the earlier rounds' files where the loop keeps them (CKPT_DIR/rounds/round<r>/), uncopied.
 
 Round r (0 .. ROUNDS-1):
   1. collect: round 0 drives RANDOM_EPISODES random episodes; round r >= 1 lets the current controller drive
