@@ -82,9 +82,12 @@ def main(args: Args) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     files = []  # (world model, controller) of each member, relative to OUT_DIR
     for index, (member, name) in enumerate(zip(args.members, names)):
-        # a member inside OUT_DIR is named where it is (copying it onto itself is a no-op)
-        subdir = Path() if index == 0 else member.resolve().relative_to(out_dir) if inside[index] else Path(
-            f"member{index}")
+        if index == 0:  # the first member's files are OUT_DIR's own
+            subdir = Path()
+        elif inside[index]:  # named where it is (copying it onto itself is a no-op)
+            subdir = member.resolve().relative_to(out_dir)
+        else:
+            subdir = Path(f"member{index}")
         controller_file = controller_path(member, name).name
         copy_file(member / "world_model.pt", args.out_dir / subdir / "world_model.pt")
         copy_controller(member / controller_file, args.out_dir / subdir / controller_file, args.drop_critic)
