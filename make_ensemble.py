@@ -59,9 +59,7 @@ def copy_controller(source: Path, target: Path, drop_critic: bool) -> None:
 def main(args: Args) -> None:
     if len(args.members) < 2:
         raise UserError("--members needs two or more checkpoint dirs")
-    names = [args.controller] if isinstance(args.controller, str) else list(args.controller)
-    if len(names) == 1:
-        names *= len(args.members)
+    names = list(args.controller) * (len(args.members) if len(args.controller) == 1 else 1)
     if len(names) != len(args.members):
         raise UserError(f"--controller names {len(names)} controllers for {len(args.members)} members: "
                         "give one name for all, or one per member")
@@ -73,10 +71,10 @@ def main(args: Args) -> None:
             raise UserError(f"member {member} is not a checkpoint dir")
         # each member's controller must have been trained on the base VAE and on its own world model
         load_controller(controller_path(member, name), base, member / "world_model.pt", script=CONTROLLER_SCRIPTS[name])
-    if any(member.resolve() == args.out_dir.resolve() for member in args.members[1:]):
+    out_dir, resolved = args.out_dir.resolve(), [member.resolve() for member in args.members]
+    if out_dir in resolved[1:]:
         raise UserError(f"--out-dir {args.out_dir} is a member other than the first: choose another dir")
-    out_dir = args.out_dir.resolve()
-    inside = [member.resolve().is_relative_to(out_dir) for member in args.members]
+    inside = [member.is_relative_to(out_dir) for member in resolved]
     if args.drop_critic and any(inside):
         raise UserError("--drop-critic writes play-only copies: choose an --out-dir that holds no member")
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +83,7 @@ def main(args: Args) -> None:
         if index == 0:  # the first member's files are OUT_DIR's own
             subdir = Path()
         elif inside[index]:  # named where it is (copying it onto itself is a no-op)
-            subdir = member.resolve().relative_to(out_dir)
+            subdir = resolved[index].relative_to(out_dir)
         else:
             subdir = Path(f"member{index}")
         controller_file = controller_path(member, name).name

@@ -296,7 +296,7 @@ def main(args: Args) -> None:
         dream = float(np.mean([m.get("dream_return", math.nan) for m in metrics]))  # each member in its own dream
         if args.members > 1:
             make_ensemble.main(make_ensemble.Args(members=[member_dir(args, i) for i in range(args.members)],
-                                                  out_dir=args.ckpt_dir, controller="ppo_dream"))
+                                                  out_dir=args.ckpt_dir, controller=["ppo_dream"]))
             real = evaluate_agent(args.ckpt_dir, "ensemble", args.check_episodes, train_ppo_in_dream.Args.eval_seed,
                                   args.workers, args.max_steps, args.env_backend, progress=False,
                                   ray_address=args.ray_address)
@@ -324,7 +324,7 @@ def main(args: Args) -> None:
     if args.snapshots > 1:  # (again on a re-run: it is cheap, and the last round may have changed)
         make_ensemble.main(make_ensemble.Args(
             members=[args.ckpt_dir] + [round_dir(args, r) for r in snapshot_rounds(args)], out_dir=args.ckpt_dir,
-            controller="ppo_dream"))
+            controller=["ppo_dream"]))
 
 
 if __name__ == "__main__":

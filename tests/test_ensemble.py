@@ -38,7 +38,7 @@ def members(tmp_path):
 
 def test_ensemble_acts_as_the_mean_of_its_members(tmp_path, members):
     out = tmp_path / "ensemble"
-    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller="cmaes"))
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes"]))
     assert agent_dir_and_controller(out, None) == (out, "ensemble"), "the ensemble is the dir's default"
     ensemble = load_agent(out, "ensemble")
     singles = [load_agent(member, "cmaes") for member in members]
@@ -90,18 +90,18 @@ def test_ensemble_of_controllers_of_different_kinds(tmp_path, members):
 def test_ensemble_refuses_mismatched_or_changed_members(tmp_path, members):
     out = tmp_path / "ensemble"
     with pytest.raises(UserError, match="two or more"):
-        make_ensemble.main(make_ensemble.Args(members=members[:1], out_dir=out, controller="cmaes"))
+        make_ensemble.main(make_ensemble.Args(members=members[:1], out_dir=out, controller=["cmaes"]))
     with pytest.raises(UserError, match="is a member other than the first"):
-        make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[1], controller="cmaes"))
+        make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[1], controller=["cmaes"]))
     other = make_checkpoint_dir(tmp_path / "other")  # a member trained on another VAE
     vae = torch.load(other / "vae.pt", weights_only=True)
     vae["state_dict"] = {key: value + 1 for key, value in vae["state_dict"].items()}
     save_checkpoint(other / "vae.pt", vae)
     save_linear_controller(other, 3)
     with pytest.raises(UserError, match="another vae"):
-        make_ensemble.main(make_ensemble.Args(members=[members[0], other], out_dir=out, controller="cmaes"))
+        make_ensemble.main(make_ensemble.Args(members=[members[0], other], out_dir=out, controller=["cmaes"]))
 
-    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller="cmaes"))
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes"]))
     checkpoint = torch.load(out / "controller_ensemble.pt", weights_only=True)
     for damage in ({"sha256": 5}, {"sha256": []}, {"world_model": 3}, {"controller": None}):
         save_checkpoint(out / "controller_ensemble.pt", checkpoint | {
@@ -109,7 +109,7 @@ def test_ensemble_refuses_mismatched_or_changed_members(tmp_path, members):
         with pytest.raises(UserError, match="is not an ensemble checkpoint"):
             load_agent(out, "ensemble")
 
-    make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[0], controller="cmaes"))  # in place
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=members[0], controller=["cmaes"]))  # in place
     assert load_agent(members[0], "ensemble").members[0][0].world_model is not None
     # a member replaced after the ensemble was made
     shutil.copy(members[0] / "member1" / "controller_cmaes.pt", members[0] / "member2" / "controller_cmaes.pt")
