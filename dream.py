@@ -118,7 +118,9 @@ class BatchedDream:
             start = torch.full_like(seeds, -1)  # step -1: the draws that pick and sample the start latent
             uniform = counter_uniform(seeds, start, 1 + 2 * self.latent_dim)
             pick = (uniform[:, 0] * len(self.start_mu)).long().clamp(max=len(self.start_mu) - 1)
-            z = self.start_mu[pick] + torch.exp(0.5 * self.start_logvar[pick]) * box_muller(uniform[:, 1:])
+            z = self.start_mu[pick]
+            if self.model.config.latent == "sample":  # a model that learnt from sampled z starts from one
+                z = z + torch.exp(0.5 * self.start_logvar[pick]) * box_muller(uniform[:, 1:])
         if state is None:
             state = self.model.initial_state(self.num_envs, self.device)
         self.seeds = torch.where(mask, seeds, self.seeds)

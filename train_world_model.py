@@ -13,7 +13,7 @@ frames, one frame kept per decision) train a model that steps every k frames, an
 trained on it decides at that rate, in the dream, in training and in play (the one clock). Episodes
 collected at another rate are skipped with one line.
 
-Training draws z from N(mu, sigma) per batch and trains on windows of SEQ_LEN steps (whole episodes
+Training draws z from N(mu, sigma) per batch (or takes mu, --latent mean) and trains on windows of SEQ_LEN steps (whole episodes
 at the default) with a train/validation split by episode and gradient clipping.
 """
 
@@ -82,6 +82,10 @@ class Args(StageArgs):
     """real episode-start latents stored in the checkpoint for dreams to start from"""
     temperature: float = 1.0
     """sampling temperature of the dream in the grid picture"""
+    latent: Literal["sample", "mean"] = "sample"
+    """z the model learns from: sample (drawn from the VAE's N(mu, sigma) per batch, the original) or mean (the
+    VAE's mu, the z the agent sees in the real env: its dream then steps as real latents do, without the
+    posterior noise of the VAE's unused dimensions)"""
     workers: int = 1
     """collection worker processes (train_world_model_parallel.py uses every core)"""
 
@@ -126,7 +130,9 @@ def make_batch(episodes: list[dict], seq_len: int, rng: np.random.Generator, dev
 
 
 def model_loss(model: RecurrentWorldModel, batch: dict, args: Args, sample: bool = True):
-    """Predictions and losses on a batch; z drawn from N(mu, sigma) (or mu if not `sample`)."""
+    """Predictions and losses on a batch; z drawn from N(mu, sigma) if `sample` and the model learns from samples,
+    else mu."""
+    sample = sample and model.config.latent == "sample"
     z = batch["mu"] + torch.exp(0.5 * batch["logvar"]) * torch.randn_like(batch["mu"]) if sample else batch["mu"]
     pred, _ = model(z[:, :-1], batch["action"][:, :-1])
     losses = model.loss(pred, z[:, 1:], batch["reward"], batch["terminated"], batch["step_mask"], batch["z_mask"],
@@ -211,7 +217,7 @@ def main(args: Args) -> None:
     if args.action_repeat < 1:
         raise UserError("--action-repeat must be at least 1")
     config = WorldModelConfig(arch=args.arch, latent_dim=vae.config.latent_dim, hidden_dim=args.hidden_dim,
-                              num_mixtures=args.num_mixtures, action_repeat=args.action_repeat)
+                              num_mixtures=args.num_mixtures, action_repeat=args.action_repeat, latent=args.latent)
     model = build_world_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     latest_path, best_path = args.ckpt_dir / "world_model_latest.pt", args.ckpt_dir / "world_model.pt"

@@ -40,6 +40,9 @@ class WorldModelConfig:
     action_repeat: int = 1
     """frames per step: the model steps once per decision held for this many frames (its clock); 1 in
     checkpoints made before the clock was recorded"""
+    latent: str = "sample"
+    """the z it learnt from: sample (z drawn from the VAE's N(mu, sigma), the original; checkpoints made before
+    this was recorded) or mean (the VAE's mu, the z the agent sees in the real env)"""
 
     @property
     def mixtures(self) -> int:
