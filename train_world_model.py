@@ -13,8 +13,8 @@ frames, one frame kept per decision) train a model that steps every k frames, an
 trained on it decides at that rate, in the dream, in training and in play (the one clock). Episodes
 collected at another rate are skipped with one line.
 
-Training draws z from N(mu, sigma) per batch (or takes mu, --latent mean) and trains on windows of SEQ_LEN steps (whole episodes
-at the default) with a train/validation split by episode and gradient clipping.
+Training draws z from N(mu, sigma) per batch (or takes mu, --latent mean) and trains on windows of SEQ_LEN
+steps (whole episodes at the default) with a train/validation split by episode and gradient clipping.
 """
 
 from __future__ import annotations

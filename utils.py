@@ -103,7 +103,11 @@ def resume_checkpoint(latest_path: Path, best_path: Path, args: StageArgs, confi
     if args.fresh or not latest_path.exists():
         return None
     checkpoint = load_checkpoint(latest_path, map_location=device, stage_hint=f"{script} --fresh")
-    if plain(config) != plain(config) | checkpoint["config"]:  # (a setting added since then has its default)
+    try:  # a setting added since the checkpoint was made has its default value there
+        saved = plain(type(config)(**checkpoint["config"]))
+    except TypeError:  # (a setting this code no longer knows)
+        saved = checkpoint["config"]
+    if saved != plain(config):
         raise UserError(f"{latest_path} was trained with {checkpoint['config']}, not {plain(config)}: "
                         "use the same settings or --fresh")
     finish_saving(best_path, checkpoint, ("optimizer",))

@@ -212,3 +212,41 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert blown.returncode == 2 and "Traceback" not in blown.stderr
     assert "loss became" in blown.stderr and "step" in blown.stderr and "last good checkpoint" in blown.stderr
     assert (ckpt / "world_model_latest.pt").read_bytes() == good
+
+
+def test_a_world_model_of_the_mean_latent_learns_from_mu_and_dreams_from_mu(tmp_path):
+    import train_world_model
+    from utils import resume_checkpoint, stage_checkpoint
+
+    torch.manual_seed(0)
+    batch = {"mu": torch.randn(2, 6, 4), "logvar": torch.zeros(2, 6, 4), "action": torch.rand(2, 6, 3),
+             "reward": torch.randn(2, 5), "terminated": torch.zeros(2, 5), "step_mask": torch.ones(2, 5),
+             "z_mask": torch.ones(2, 5)}
+    args = train_world_model.Args()
+    losses = {}
+    for latent in ("sample", "mean"):
+        torch.manual_seed(1)
+        model = build_world_model(WorldModelConfig(arch="mdn", latent=latent, **TINY))
+        losses[latent] = [train_world_model.model_loss(model, batch, args)[1]["loss"].item() for _ in range(2)]
+        exact = train_world_model.model_loss(model, batch, args, sample=False)[1]["loss"].item()
+    assert losses["sample"][0] != losses["sample"][1], "a sampling model draws a new z per batch"
+    assert losses["mean"][0] == losses["mean"][1] == exact, "a mean model learns from mu itself"
+
+    bank = {"mu": torch.randn(3, 4), "logvar": torch.zeros(3, 4)}  # posterior std 1: a sampled start is far from mu
+    for latent in ("sample", "mean"):
+        model = build_world_model(WorldModelConfig(latent=latent, **TINY))
+        batched = BatchedDream(model, bank["mu"], bank["logvar"], 8)
+        starts = batched.reset(torch.arange(8))[:, :4]
+        from_bank = (starts[:, None] == bank["mu"][None]).all(-1).any(-1)
+        assert from_bank.all() if latent == "mean" else not from_bank.any()
+
+    # a checkpoint made before the field existed resumes as a sampling model (the field's default)
+    model, config = build_world_model(WorldModelConfig(**TINY)), WorldModelConfig(**TINY)
+    optimizer = torch.optim.Adam(model.parameters())
+    old = stage_checkpoint(config, model, args, tmp_path, epoch=1, best_val_loss=0.0, optimizer=optimizer.state_dict())
+    del old["config"]["latent"]
+    save_checkpoint(tmp_path / "latest.pt", old)
+    assert resume_checkpoint(tmp_path / "latest.pt", tmp_path / "best.pt", args, config, model, optimizer, "cpu", "")
+    with pytest.raises(UserError, match="use the same settings"):
+        resume_checkpoint(tmp_path / "latest.pt", tmp_path / "best.pt", args, WorldModelConfig(latent="mean", **TINY),
+                          model, optimizer, "cpu", "")
