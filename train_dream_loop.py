@@ -86,6 +86,9 @@ class Args:
     """world-model epochs of round 0"""
     wm_epochs_per_round: int = 8
     """more world-model epochs per round, over all the data"""
+    wm_critical_weight: float = 1.0
+    """weight of the decisions around a real loss of the road in the world model's loss (1: uniform); its
+    --critical-weight (the dream must not smooth those moments over)"""
     latent: Literal["sample", "mean"] = "sample"
     """z the world model learns from: sample (drawn from the VAE's posterior, the original) or mean (the VAE's mu,
     the z the controller sees in the real env); train_world_model.py's flag"""
@@ -180,8 +183,8 @@ def train_member(args: Args, round_index: int, index: int) -> dict:
     train_world_model.main(train_world_model.Args(
         data_dir=args.data_dir, ckpt_dir=directory, log_dir=args.log_dir, arch=args.arch,
         epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
-        reward_overshoot_weight=args.reward_overshoot_weight, latent=args.latent, seed=seed, collect=False,
-        device=args.device))
+        reward_overshoot_weight=args.reward_overshoot_weight, latent=args.latent,
+        critical_weight=args.wm_critical_weight, seed=seed, collect=False, device=args.device))
     lone = args.members == 1
     return train_ppo_in_dream.main(train_ppo_in_dream.Args(
         ckpt_dir=directory, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,

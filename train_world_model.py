@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from agent import load_vae
-from dream import BatchedDream
+from dream import BatchedDream, critical_states
 from episodes import encode_episodes, load_episode, load_latent_episode, split_episodes
 from rollouts import find_or_collect_episodes
 from utils import (
@@ -80,6 +80,9 @@ class Args(StageArgs):
     """percent of episodes held out for validation (chosen by file name, stable as data grows)"""
     start_bank_size: int = 64
     """real episode-start latents stored in the checkpoint for dreams to start from"""
+    critical_weight: float = 1.0
+    """weight in the training loss of the decisions around each loss of the road (dream.critical_states: the 20
+    before it and the 10 from it) against 1 for the others: the rare moments a dream must not smooth over"""
     temperature: float = 1.0
     """sampling temperature of the dream in the grid picture"""
     latent: Literal["sample", "mean"] = "sample"
@@ -105,7 +108,8 @@ def make_batch(episodes: list[dict], seq_len: int, rng: np.random.Generator, dev
     """Windows of up to seq_len steps (random offsets), padded to the longest, with masks.
 
     Step t feeds (z_t, a_t) and is scored on z_{t+1}, reward_t and terminated_t; `z_mask` drops the
-    last step of an episode (no next frame) and `step_mask` the padding.
+    last step of an episode (no next frame) and `step_mask` the padding. An episode with a `weight` per step
+    (T,) weighs its steps so in both masks (the losses are weighted means).
     """
     length = min(seq_len, max(len(ep["reward"]) for ep in episodes))
     keys = ("mu", "logvar", "action")
@@ -122,8 +126,9 @@ def make_batch(episodes: list[dict], seq_len: int, rng: np.random.Generator, dev
                 batch[key][row, take] = ep[key][start + take]
         batch["reward"][row, :take] = ep["reward"][start:start + take]
         batch["terminated"][row, :take] = ep["terminated"][start:start + take]
-        batch["step_mask"][row, :take] = 1
-        batch["z_mask"][row, :take] = 1
+        weight = ep["weight"][start:start + take] if "weight" in ep else 1  # (only training episodes have one)
+        batch["step_mask"][row, :take] = weight
+        batch["z_mask"][row, :take] = weight
         if start + take == steps:
             batch["z_mask"][row, take - 1] = 0
     return {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
@@ -209,8 +214,9 @@ def dream_grid(vae, model: RecurrentWorldModel, episode_path: Path, start_bank: 
 
 def main(args: Args) -> None:
     device = setup_stage(args)
-    if args.epochs < 1 or args.batch_size < 1 or args.seq_len < 2:
-        raise UserError("--epochs and --batch-size must be at least 1, --seq-len at least 2")
+    if args.epochs < 1 or args.batch_size < 1 or args.seq_len < 2 or not args.critical_weight > 0:
+        raise UserError("--epochs and --batch-size must be at least 1, --seq-len at least 2, --critical-weight "
+                        "positive")
     vae_path = args.ckpt_dir / "vae.pt"
     vae, _ = load_vae(vae_path, device)
     vae_id = checkpoint_identity(vae_path)
@@ -252,6 +258,12 @@ def main(args: Args) -> None:
         print(f"the data set changed since {latest_path} ({len(latents)} episodes now): best val loss reset")
         best_val = math.inf
     train_eps, val_eps = [latents[p] for p in train_paths], [latents[p] for p in val_paths]
+    if args.critical_weight != 1:
+        for ep in train_eps:
+            ep["weight"] = np.where(critical_states(ep["reward"]), args.critical_weight, 1.0).astype(np.float32)
+        share = np.mean(np.concatenate([ep["weight"] != 1 for ep in train_eps]))
+        print(f"{share:.1%} of the training decisions are around a loss of the road, "
+              f"weighted x{args.critical_weight:g}")
     bank_eps = train_eps[:: max(1, len(train_eps) // args.start_bank_size)][:args.start_bank_size]
     start_bank = {"mu": torch.from_numpy(np.stack([ep["mu"][0] for ep in bank_eps])),
                   "logvar": torch.from_numpy(np.stack([ep["logvar"][0] for ep in bank_eps]))}
@@ -283,7 +295,7 @@ def main(args: Args) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             step += 1
-            seq_steps += int(batch["step_mask"].sum().item())
+            seq_steps += int((batch["step_mask"] > 0).sum().item())
             running.append(losses["loss"].item())
             steps_per_s = seq_steps / (time.perf_counter() - epoch_start)
             for name, value in losses.items():

@@ -250,3 +250,23 @@ def test_a_world_model_of_the_mean_latent_learns_from_mu_and_dreams_from_mu(tmp_
     with pytest.raises(UserError, match="use the same settings"):
         resume_checkpoint(tmp_path / "latest.pt", tmp_path / "best.pt", args, WorldModelConfig(latent="mean", **TINY),
                           model, optimizer, "cpu", "")
+
+
+def test_critical_weight_weighs_the_decisions_around_a_loss_of_the_road_in_the_loss():
+    import train_world_model
+    from dream import critical_states
+
+    reward = np.full(60, 30.0, np.float32)
+    reward[40:] = -0.4  # the road is lost at decision 40: decisions 20-49 are critical
+    episode = {"mu": np.zeros((60, 4), np.float32), "logvar": np.zeros((60, 4), np.float32),
+               "action": np.zeros((60, 3), np.float32), "reward": reward, "terminated": np.zeros(60, bool)}
+    episode["weight"] = np.where(critical_states(reward), 4.0, 1.0).astype(np.float32)
+    batch = train_world_model.make_batch([episode], 60, np.random.default_rng(0), "cpu")
+    expected = torch.ones(60)
+    expected[20:50] = 4
+    torch.testing.assert_close(batch["step_mask"][0], expected)
+    expected[-1] = 0  # the last decision has no next frame
+    torch.testing.assert_close(batch["z_mask"][0], expected)
+    del episode["weight"]  # validation episodes are unweighted
+    assert set(train_world_model.make_batch([episode], 60, np.random.default_rng(0), "cpu")["step_mask"][0].tolist()) \
+        == {1.0}
