@@ -299,7 +299,8 @@ class ReplayStarts:
 
     episodes: dicts with `mu` (T, latent), `action` (T, 3) and `reward` (T,) at the world model's clock. The
     states are computed once (one batched cell pass over the padded episodes) and kept flat: z (N, latent)
-    and state (N, state_size) over the N real decisions. `sample(uniform)` picks starts from uniform noise,
+    and state (N, state_size) over the N real decisions (time-major; `episode_index` and `time_index` say where
+    each comes from). `sample(uniform)` picks starts from uniform noise,
     each state with probability proportional to its weight: CRITICAL_WEIGHT for the states around a loss
     of the road (`critical_states`), 1 for the others (so > 1 practises the moments that decide a track).
     """
@@ -308,7 +309,7 @@ class ReplayStarts:
                  critical_weight: float = 1.0):
         if not critical_weight > 0:
             raise ValueError(f"the critical states' weight must be positive, not {critical_weight}")
-        zs, states, weights = [], [], []
+        zs, states, weights, where = [], [], [], []
         with torch.no_grad():
             for first in range(0, len(episodes), batch):
                 group = episodes[first:first + batch]
@@ -329,10 +330,13 @@ class ReplayStarts:
                 for t in range(length):
                     zs.append(mu[valid[:, t], t]), states.append(state[valid[:, t]])
                     weights.append(weight[valid[:, t], t])
+                    rows = torch.nonzero(valid[:, t]).squeeze(1).cpu()
+                    where.append(torch.stack([rows + first, torch.full_like(rows, t)], 1))
                     _, state = world_model.step(mu[:, t], action[:, t], state)
         if not zs:
             raise ValueError("ReplayStarts needs at least one episode with one step")
         self.z, self.state, weights = torch.cat(zs), torch.cat(states), torch.cat(weights)
+        self.episode_index, self.time_index = torch.cat(where).T  # (N,) each: state i is decision t of episode e
         self.critical_share = float((weights != 1).double().mean())
         cumulative = weights.cumsum(0)
         self.cdf = cumulative / cumulative[-1]  # (N,): state i is picked for uniform in [cdf[i - 1], cdf[i])
@@ -346,6 +350,59 @@ class ReplayStarts:
         return self.z[index], self.state[index]
 
 
+def road_lost(reward: np.ndarray, window: int = 10) -> np.ndarray:
+    """(T,) bool: the car is lost at t when decisions t .. t + WINDOW - 1 earn nothing together (no new tile, only
+    the time penalty, or worse); the tail shorter than WINDOW is never called lost."""
+    steps = len(reward)
+    cumulative = np.concatenate([[0.0], np.cumsum(reward, dtype=np.float64)])
+    starts = np.arange(max(0, steps - window + 1))
+    lost = np.zeros(steps, bool)
+    lost[starts] = cumulative[starts + window] - cumulative[starts] <= 0
+    return lost
+
+
+@torch.no_grad()
+def road_loss_rates(world_model, controller, episodes: list[dict], horizon: int = 30, window: int = 10,
+                    temperature: float = 1.0, seed: int = 0, device="cpu") -> dict:
+    """How often the road is lost soon after a decision on it, in real episodes and in the dream of the same
+    controller: the dream's calibration on the moments that decide a track.
+
+    episodes: latent episodes (`mu`, `action`, `reward`) at the world model's clock, driven by CONTROLLER (a
+    controller of WORLD_MODEL's features). From every decision t that earns a new tile and has HORIZON + WINDOW - 1
+    real decisions after it: does a loss of the road (`road_lost`) begin within HORIZON decisions, in the episode,
+    and in a dream started from that state (z_t, h after the real past) with CONTROLLER driving? A dream that loses
+    the road less often than the real env teaches its controller a world where the road is rarely lost.
+    Returns {"states", "real", "dream"} (the two rates; nan without such a decision).
+    """
+    starts = ReplayStarts(world_model, episodes, device)
+    span = horizon + window - 1
+    real_lost, keep = [], []
+    for ep in episodes:
+        reward = np.asarray(ep["reward"])
+        lost = road_lost(reward, window)
+        soon = np.array([lost[t:t + horizon].any() for t in range(len(reward))], bool)
+        keep.append(torch.from_numpy((reward > 0) & (np.arange(len(reward)) + span <= len(reward))))
+        real_lost.append(torch.from_numpy(soon))
+    index = torch.nonzero(torch.stack([keep[e][t] for e, t in zip(starts.episode_index.tolist(),
+                                                                     starts.time_index.tolist())])).squeeze(1)
+    if len(index) == 0:
+        return {"states": 0, "real": math.nan, "dream": math.nan}
+    real = torch.stack([real_lost[e][t] for e, t in zip(starts.episode_index[index].tolist(),
+                                                       starts.time_index[index].tolist())])
+    dream = BatchedDream(world_model, starts.z[:1], torch.zeros_like(starts.z[:1]), len(index), temperature, 10**9,
+                         device)
+    obs = dream.reset(run_seeds(seed, 0, len(index), device), z=starts.z[index].to(device),
+                      state=starts.state[index].to(device))
+    rewards, ended = [], torch.zeros(len(index), dtype=torch.bool, device=device)
+    for _ in range(span):
+        obs, reward, terminated, _ = dream.step(controller(obs))
+        rewards.append(torch.where(ended, 1.0, reward))  # after a predicted end of the lap nothing is lost
+        ended |= terminated
+    cumulative = torch.nn.functional.pad(torch.stack(rewards, 1).double().cumsum(1), (1, 0))  # (N, span + 1)
+    dream_lost = (cumulative[:, window:window + horizon] - cumulative[:, :horizon] <= 0).any(1)
+    return {"states": len(index), "real": float(real.float().mean()), "dream": float(dream_lost.float().mean())}
+
+
 def critical_states(reward: np.ndarray, window: int = 10, before: int = 20, after: int = 10) -> np.ndarray:
     """The decisions around each loss of the road in one real episode: (T,) bool.
 
@@ -355,10 +412,7 @@ def critical_states(reward: np.ndarray, window: int = 10, before: int = 20, afte
     decisions that follow it (getting back) are critical; the tail shorter than WINDOW is never called lost.
     """
     steps = len(reward)
-    cumulative = np.concatenate([[0.0], np.cumsum(reward, dtype=np.float64)])
-    starts = np.arange(max(0, steps - window + 1))
-    lost = np.zeros(steps, bool)
-    lost[starts] = cumulative[starts + window] - cumulative[starts] <= 0
+    lost = road_lost(reward, window)
     onsets = np.flatnonzero(lost & ~np.concatenate([[True], lost[:-1]]))
     critical = np.zeros(steps, bool)
     for onset in onsets:

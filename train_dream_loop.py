@@ -20,7 +20,9 @@ Round r (0 .. ROUNDS-1):
   3. controller: UPDATES_PER_ROUND PPO updates in imagination started from the real states of every episode,
      those around a loss of the road drawn CRITICAL_WEIGHT times as often (train_ppo_in_dream.py), going on
      from the previous round's weights;
-  4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks;
+  4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks, and the
+     dream's calibration (rounds >= 1: how often the road is lost soon after a decision on it, in the round's
+     noise-free episodes and in the dream of the previous round that drove them; logged, never used);
   5. keep: the round's world model and controller are copied to CKPT_DIR/rounds/round<r>/.
 With MEMBERS > 1, steps 2 and 3 run for every member (seed SEED + i, in its own world model's dream), the
 ensemble of their controllers (the mean action) drives step 1 and plays the real check, and the dream return
@@ -48,9 +50,19 @@ import make_ensemble
 import train_ppo_in_dream
 import train_vae
 import train_world_model
-from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, load_episode
+from agent import load_controller, load_vae, load_world_model
+from dream import road_loss_rates
+from episodes import (
+    encode_episodes,
+    episode_dir,
+    episode_path,
+    is_complete_npz,
+    list_episodes,
+    load_episode,
+    load_latent_episode,
+)
 from rollouts import collect_episodes, evaluate_agent
-from utils import UserError, atomic_write, run_main
+from utils import UserError, atomic_write, file_sha256, run_main
 
 LOOP_FILE, CURVE_FILE = "dream_loop.json", "dream_loop.png"
 ROUND_SEED = 10_000_000  # round r drives tracks ROUND_SEED + 100_000 r + i: apart from every other seed range
@@ -159,6 +171,31 @@ def collect_round(args: Args, round_index: int) -> list[float]:
         else:
             returns.append(math.nan)
     return returns
+
+
+def road_loss_check(args: Args, round_index: int) -> dict:
+    """The dream's calibration where tracks are decided (dream.road_loss_rates): how often the road is lost within
+    30 decisions of a decision on it, in round ROUND_INDEX's noise-free episodes and in the dream of the world model
+    and controller that drove them (round ROUND_INDEX - 1's, kept in CKPT_DIR/rounds/, which had not seen them).
+    Logged, never used; {} for round 0 and for several members (an ensemble drove)."""
+    previous = round_dir(args, round_index - 1)
+    if round_index == 0 or args.members > 1 or not (previous / "controller_ppo_dream.pt").exists():
+        return {}
+    first = ROUND_SEED + 100_000 * round_index + 1000 * args.seed
+    paths = [episode_path(args.data_dir, f"round{round_index}", seed)
+             for seed in range(first, first + round(args.deterministic_share * args.episodes_per_round))]
+    vae_path = args.ckpt_dir / "vae.pt"
+    vae, _ = load_vae(vae_path)
+    vae_sha256 = file_sha256(vae_path)
+    cache = encode_episodes(vae, vae_sha256, paths, args.data_dir, progress=False)  # (the world model reuses them)
+    episodes = [episode for episode in (load_latent_episode(cache[path], vae_sha256) for path in paths if path in cache)
+                if episode is not None]
+    if not episodes:  # (a round without noise-free episodes)
+        return {}
+    world_model, _ = load_world_model(previous / "world_model.pt")
+    controller, _ = load_controller(previous / "controller_ppo_dream.pt", args.ckpt_dir, previous / "world_model.pt")
+    rates = road_loss_rates(world_model, controller, episodes, temperature=args.temperature, seed=args.seed)
+    return {"road_loss_real": rates["real"], "road_loss_dream": rates["dream"]}
 
 
 def agent_controller(args: Args) -> str:
@@ -295,6 +332,7 @@ def main(args: Args) -> None:
     for round_index in range(len(records), args.rounds):
         round_start = time.perf_counter()
         collect_returns = collect_round(args, round_index)
+        calibration = road_loss_check(args, round_index)
         if not (args.ckpt_dir / "vae.pt").exists():
             train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
                                           epochs=args.vae_epochs, seed=args.seed, collect=False, device=args.device))
@@ -319,14 +357,16 @@ def main(args: Args) -> None:
                   "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
                   "dream_return": dream, "real_return": real_return,
                   "collect_return_deterministic": collect_returns[0] if round_index else math.nan,
-                  "collect_return_noisy": collect_returns[-1] if round_index else math.nan}
+                  "collect_return_noisy": collect_returns[-1] if round_index else math.nan, **calibration}
         records.append(record)
         atomic_write(loop_path, lambda f: f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                "rounds": records}, indent=2).encode()))
         plot_curve(records, args.ckpt_dir / CURVE_FILE)
         print(f"== round {round_index}: {record['real_frames']:,} real frames so far, {wall / 60:.1f} min, "
               f"dream return {record['dream_return']:.1f}, real check {record['real_return']:.1f} "
-              f"over {args.check_episodes} tracks")
+              f"over {args.check_episodes} tracks" + (
+                  f"; the road lost within 30 decisions: {calibration['road_loss_real']:.1%} of the round's "
+                  f"states, {calibration['road_loss_dream']:.1%} in the dream" if calibration else ""))
     print(f"dream-trained controller in {args.ckpt_dir / 'controller_ppo_dream.pt'}; rounds in {loop_path}")
     if args.snapshots > 1:  # (again on a re-run: it is cheap, and the last round may have changed)
         make_ensemble.main(make_ensemble.Args(

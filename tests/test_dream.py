@@ -17,6 +17,7 @@ from dream import (
     ImaginedFeatureEnvs,
     ReplayStarts,
     counter_uniform,
+    road_loss_rates,
     run_seeds,
 )
 from episodes import episode_path, list_episodes, load_episode
@@ -81,6 +82,29 @@ def test_replay_starts_are_the_states_the_agent_saw():
     for z, state in zip(starts.z, starts.state):
         match = (torch.cat(expected_z) == z).all(-1).nonzero()[0, 0]
         torch.testing.assert_close(state, expected[match], atol=1e-5, rtol=1e-5)
+
+
+def test_road_loss_rates_count_losses_of_the_road_in_the_episodes_and_in_the_dream():
+    from actor_critic import ControllerConfig, LinearController
+
+    reward = np.full(100, 1.0, np.float32)
+    reward[60:] = -0.4  # lost from decision 58 on (its 10 decisions earn 2 - 8 x 0.4 < 0)
+    episode = {"mu": np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32),
+               "action": np.zeros((100, 3), np.float32), "reward": reward}
+    model = build_world_model(TINY).eval()
+    controller = LinearController(ControllerConfig(obs_dim=model.controller_input_dim))
+    with torch.no_grad():  # a dream that pays (or charges) the same every decision and never ends
+        model.head.weight[-2:] = 0
+        model.head.bias[-1] = -10.0
+        rates = {}
+        for paid in (1.0, -1.0):
+            model.head.bias[-2] = paid
+            rates[paid] = road_loss_rates(model, controller, [episode])
+    # on-road decisions with 39 real ones after them: 0-59; a loss begins within 30 decisions from 29 on
+    assert rates[1.0]["states"] == 60 and rates[1.0]["real"] == pytest.approx(31 / 60)
+    assert rates[1.0]["dream"] == 0.0 and rates[-1.0]["dream"] == 1.0
+    short = dict(episode, reward=reward[:30], mu=episode["mu"][:30], action=episode["action"][:30])
+    assert road_loss_rates(model, controller, [short])["states"] == 0  # no decision has 39 real ones after it
 
 
 def test_imagination_restarts_from_replayed_states_after_the_horizon():
@@ -219,7 +243,7 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     common = ["train_dream_loop.py", "--data-dir", str(tmp_path / "data"), "--ckpt-dir", str(ckpt), "--log-dir",
               str(tmp_path / "runs"), "--random-episodes", "3", "--episodes-per-round", "1", "--wm-epochs", "1",
               "--wm-epochs-per-round", "1", "--updates-per-round", "1", "--num-envs", "8", "--horizon", "4",
-              "--check-episodes", "1", "--workers", "1", "--max-steps", "40"]
+              "--check-episodes", "1", "--workers", "1", "--max-steps", "40", "--deterministic-share", "1"]
     first = run_script(*common, "--rounds", "1")
     assert first.returncode == 0, first.stderr
     second = run_script(*common, "--rounds", "2")
@@ -227,6 +251,8 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     assert "resuming: 1 rounds done" in second.stdout and "== round 1:" in second.stdout
     records = json.loads((ckpt / "dream_loop.json").read_text())["rounds"]
     assert [r["round"] for r in records] == [0, 1] and records[1]["real_frames"] > records[0]["real_frames"]
+    # round 1's calibration ran on its noise-free episode (10 decisions: too short for a 30-decision look-ahead)
+    assert "road_loss_real" not in records[0] and math.isnan(records[1]["road_loss_dream"])
     assert len(list_episodes(tmp_path / "data", ["round1"])) == 1 and (ckpt / "dream_loop.png").exists()
     assert load_agent(ckpt, "ppo_dream").action_repeat == 4
     kept = [ckpt / "rounds" / f"round{r}" for r in (0, 1)]  # each round's world model and controller, as they were
