@@ -36,7 +36,7 @@ lint: venv
 # wall-clock is added to CKPT_DIR/stage_times.tsv (summed over re-runs); the last step prints the table.
 TRAIN_EPISODES ?= 200
 VAE_EPOCHS ?= 12
-PPO_STEPS ?= 2000000
+PPO_STEPS ?= 1000000
 EVAL_EPISODES ?= 100
 SEED ?= 0
 STAGE_TIMES = $(CKPT_DIR)/stage_times.tsv
