@@ -376,19 +376,18 @@ def road_loss_rates(world_model, controller, episodes: list[dict], horizon: int 
     """
     starts = ReplayStarts(world_model, episodes, device)
     span = horizon + window - 1
-    real_lost, keep = [], []
-    for ep in episodes:
+    length = max(len(ep["reward"]) for ep in episodes)
+    keep, real_lost = np.zeros((2, len(episodes), length), bool)  # per (episode, decision), padded
+    for row, ep in enumerate(episodes):
         reward = np.asarray(ep["reward"])
         lost = road_lost(reward, window)
-        soon = np.array([lost[t:t + horizon].any() for t in range(len(reward))], bool)
-        keep.append(torch.from_numpy((reward > 0) & (np.arange(len(reward)) + span <= len(reward))))
-        real_lost.append(torch.from_numpy(soon))
-    index = torch.nonzero(torch.stack([keep[e][t] for e, t in zip(starts.episode_index.tolist(),
-                                                                     starts.time_index.tolist())])).squeeze(1)
+        real_lost[row, :len(reward)] = [lost[t:t + horizon].any() for t in range(len(reward))]
+        keep[row, :len(reward)] = (reward > 0) & (np.arange(len(reward)) + span <= len(reward))
+    where = (starts.episode_index.numpy(), starts.time_index.numpy())  # the flat states' (episode, decision)
+    index = torch.from_numpy(np.flatnonzero(keep[where]))
     if len(index) == 0:
         return {"states": 0, "real": math.nan, "dream": math.nan}
-    real = torch.stack([real_lost[e][t] for e, t in zip(starts.episode_index[index].tolist(),
-                                                       starts.time_index[index].tolist())])
+    real = torch.from_numpy(real_lost[where][index.numpy()])
     dream = BatchedDream(world_model, starts.z[:1], torch.zeros_like(starts.z[:1]), len(index), temperature, 10**9,
                          device)
     obs = dream.reset(run_seeds(seed, 0, len(index), device), z=starts.z[index].to(device),
@@ -420,11 +419,13 @@ def critical_states(reward: np.ndarray, window: int = 10, before: int = 20, afte
     return critical
 
 
-def load_replay(data_dir: Path, vae, vae_path: Path, action_repeat: int, device="cpu") -> list[dict]:
-    """The real episodes of DATA_DIR at `action_repeat` as latents (mu, action, ...), encoded by the VAE once
-    and cached (the cache train_world_model.py fills); a data dir without such episodes is a UserError."""
+def load_replay(data_dir: Path, vae, vae_path: Path, action_repeat: int, device="cpu", paths=None,
+                progress: bool = True) -> list[dict]:
+    """The real episodes of DATA_DIR (or only its episode files PATHS) at `action_repeat` as latents (mu, action,
+    ...), encoded by the VAE once and cached (the cache train_world_model.py fills); none is a UserError."""
     vae_sha256 = file_sha256(vae_path)
-    cache = encode_episodes(vae, vae_sha256, list_episodes(data_dir), data_dir, device)
+    cache = encode_episodes(vae, vae_sha256, list_episodes(data_dir) if paths is None else paths, data_dir, device,
+                            progress=progress)
     episodes = [episode for episode in (load_latent_episode(path, vae_sha256) for path in cache.values())
                 if episode is not None and int(episode["action_repeat"]) == action_repeat]
     if not episodes:

@@ -51,18 +51,10 @@ import train_ppo_in_dream
 import train_vae
 import train_world_model
 from agent import load_controller, load_vae, load_world_model
-from dream import road_loss_rates
-from episodes import (
-    encode_episodes,
-    episode_dir,
-    episode_path,
-    is_complete_npz,
-    list_episodes,
-    load_episode,
-    load_latent_episode,
-)
+from dream import load_replay, road_loss_rates
+from episodes import episode_dir, episode_path, is_complete_npz, list_episodes, load_episode
 from rollouts import collect_episodes, evaluate_agent
-from utils import UserError, atomic_write, file_sha256, run_main
+from utils import UserError, atomic_write, run_main
 
 LOOP_FILE, CURVE_FILE = "dream_loop.json", "dream_loop.png"
 ROUND_SEED = 10_000_000  # round r drives tracks ROUND_SEED + 100_000 r + i: apart from every other seed range
@@ -153,11 +145,9 @@ def collect_round(args: Args, round_index: int) -> list[float]:
         source = "random"
         batches = [(range(args.random_episodes), "random", {"action_repeat": args.action_repeat})]
     else:  # the first DETERMINISTIC_SHARE of the round's tracks without noise, the rest with NOISE
-        first = ROUND_SEED + 100_000 * round_index + 1000 * args.seed
-        plain = first + round(args.deterministic_share * args.episodes_per_round)
+        plain, noisy = round_tracks(args, round_index)
         source, agent = f"round{round_index}", {"ckpt_dir": str(args.ckpt_dir), "controller": agent_controller(args)}
-        batches = [(range(first, plain), "agent", agent | {"noise": 0.0}),
-                   (range(plain, first + args.episodes_per_round), "agent", agent | {"noise": args.noise})]
+        batches = [(plain, "agent", agent | {"noise": 0.0}), (noisy, "agent", agent | {"noise": args.noise})]
     returns = []
     for seeds, policy, kwargs in batches:
         if seeds and not all(is_complete_npz(episode_path(args.data_dir, source, seed)) for seed in seeds):
@@ -173,6 +163,13 @@ def collect_round(args: Args, round_index: int) -> list[float]:
     return returns
 
 
+def round_tracks(args: Args, round_index: int) -> tuple[range, range]:
+    """The track seeds round ROUND_INDEX >= 1 drives without noise and with NOISE."""
+    first = ROUND_SEED + 100_000 * round_index + 1000 * args.seed
+    plain = first + round(args.deterministic_share * args.episodes_per_round)
+    return range(first, plain), range(plain, first + args.episodes_per_round)
+
+
 def road_loss_check(args: Args, round_index: int) -> dict:
     """The dream's calibration where tracks are decided (dream.road_loss_rates): how often the road is lost within
     30 decisions of a decision on it, in round ROUND_INDEX's noise-free episodes and in the dream of the world model
@@ -181,17 +178,12 @@ def road_loss_check(args: Args, round_index: int) -> dict:
     previous = round_dir(args, round_index - 1)
     if round_index == 0 or args.members > 1 or not (previous / "controller_ppo_dream.pt").exists():
         return {}
-    first = ROUND_SEED + 100_000 * round_index + 1000 * args.seed
-    paths = [episode_path(args.data_dir, f"round{round_index}", seed)
-             for seed in range(first, first + round(args.deterministic_share * args.episodes_per_round))]
-    vae_path = args.ckpt_dir / "vae.pt"
-    vae, _ = load_vae(vae_path)
-    vae_sha256 = file_sha256(vae_path)
-    cache = encode_episodes(vae, vae_sha256, paths, args.data_dir, progress=False)  # (the world model reuses them)
-    episodes = [episode for episode in (load_latent_episode(cache[path], vae_sha256) for path in paths if path in cache)
-                if episode is not None]
-    if not episodes:  # (a round without noise-free episodes)
+    paths = [episode_path(args.data_dir, f"round{round_index}", seed) for seed in round_tracks(args, round_index)[0]]
+    if not paths:  # (a round without noise-free episodes)
         return {}
+    vae_path = args.ckpt_dir / "vae.pt"
+    episodes = load_replay(args.data_dir, load_vae(vae_path)[0], vae_path, args.action_repeat, paths=paths,
+                           progress=False)  # (encoded once: the world model reuses the cache)
     world_model, _ = load_world_model(previous / "world_model.pt")
     controller, _ = load_controller(previous / "controller_ppo_dream.pt", args.ckpt_dir, previous / "world_model.pt")
     rates = road_loss_rates(world_model, controller, episodes, temperature=args.temperature, seed=args.seed)
