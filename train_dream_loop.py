@@ -16,13 +16,15 @@ Round r (0 .. ROUNDS-1):
   1. collect: round 0 drives RANDOM_EPISODES random episodes; round r >= 1 lets the current controller drive
      EPISODES_PER_ROUND episodes of new tracks, DETERMINISTIC_SHARE of them as it is evaluated (its failures
      included) and the rest with NOISE on its actions (around its path);
-  2. world model: trains on every episode so far, up to WM_EPOCHS + WM_EPOCHS_PER_ROUND * r epochs;
+  2. world model: trains on every episode so far, up to WM_EPOCHS + WM_EPOCHS_PER_ROUND * r epochs (with
+     CALIBRATE, the decisions around real losses of the road weigh what makes the last calibration even);
   3. controller: UPDATES_PER_ROUND PPO updates in imagination started from the real states of every episode,
      those around a loss of the road drawn CRITICAL_WEIGHT times as often (train_ppo_in_dream.py), going on
      from the previous round's weights;
   4. check: the deterministic controller's return in whole dreams and on CHECK_EPISODES real tracks, and the
      dream's calibration (rounds >= 1: how often the road is lost soon after a decision on it, in the round's
-     noise-free episodes and in the dream of the previous round that drove them; logged, never used);
+     noise-free episodes and in the dream of the previous round that drove them; only CALIBRATE uses it, for the
+     world model's loss: real data, never a real return);
   5. keep: the round's world model and controller are copied to CKPT_DIR/rounds/round<r>/.
 With MEMBERS > 1, steps 2 and 3 run for every member (seed SEED + i, in its own world model's dream), the
 ensemble of their controllers (the mean action) drives step 1 and plays the real check, and the dream return
@@ -57,6 +59,7 @@ from rollouts import collect_episodes, evaluate_agent
 from utils import UserError, atomic_write, run_main
 
 LOOP_FILE, CURVE_FILE = "dream_loop.json", "dream_loop.png"
+MAX_CRITICAL_WEIGHT = 16.0  # (weight 16 overshot the real rate in an offline test: 26.5% against 17.3%)
 ROUND_SEED = 10_000_000  # round r drives tracks ROUND_SEED + 100_000 r + i: apart from every other seed range
 
 
@@ -92,7 +95,11 @@ class Args:
     """more world-model epochs per round, over all the data"""
     wm_critical_weight: float = 1.0
     """weight of the decisions around a real loss of the road in the world model's loss (1: uniform); its
-    --critical-weight (the dream must not smooth those moments over)"""
+    --critical-weight (the dream must not smooth those moments over); with --calibrate, round 0's weight"""
+    calibrate: bool = False
+    """set that weight anew every round from the dream's calibration (step 4 of the round before): times
+    sqrt(real rate / dream rate of losing the road), within [1, MAX_CRITICAL_WEIGHT], so that a dream that loses
+    the road too rarely learns those moments harder, and one that loses it too often less"""
     latent: Literal["sample", "mean"] = "sample"
     """z the world model learns from: sample (drawn from the VAE's posterior, the original) or mean (the VAE's mu,
     the z the controller sees in the real env); train_world_model.py's flag"""
@@ -205,15 +212,30 @@ def member_dir(args: Args, index: int) -> Path:
     return directory
 
 
-def train_member(args: Args, round_index: int, index: int) -> dict:
-    """Round ROUND_INDEX's world model and dream-trained controller of member INDEX; the controller's last metrics
-    (a lone member checks itself on the real tracks; an ensemble's members leave that to the ensemble)."""
+def world_model_weight(args: Args, records: list[dict], calibration: dict) -> float:
+    """The weight of the decisions around real losses of the road in this round's world-model loss: WM_CRITICAL_WEIGHT,
+    or with CALIBRATE the last round's weight times sqrt(real / dream) of this round's calibration (the square root
+    damps a swing: the calibration measures the last round's model on 25 episodes)."""
+    if not args.calibrate:
+        return args.wm_critical_weight
+    weight = records[-1].get("wm_critical_weight", args.wm_critical_weight) if records else args.wm_critical_weight
+    if not calibration or not all(map(math.isfinite, calibration.values())):
+        return weight
+    floor = 0.01  # (a dream that never loses the road raises the weight by at most 10x a round, before the clip)
+    ratio = (calibration["road_loss_real"] + floor) / (calibration["road_loss_dream"] + floor)
+    return float(np.clip(weight * math.sqrt(ratio), 1.0, MAX_CRITICAL_WEIGHT))
+
+
+def train_member(args: Args, round_index: int, index: int, wm_weight: float) -> dict:
+    """Round ROUND_INDEX's world model (its critical states weighted WM_WEIGHT) and dream-trained controller of
+    member INDEX; the controller's last metrics (a lone member checks itself on the real tracks; an ensemble's
+    members leave that to the ensemble)."""
     directory, seed = member_dir(args, index), args.seed + index
     train_world_model.main(train_world_model.Args(
         data_dir=args.data_dir, ckpt_dir=directory, log_dir=args.log_dir, arch=args.arch,
         epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
         reward_overshoot_weight=args.reward_overshoot_weight, latent=args.latent,
-        critical_weight=args.wm_critical_weight, seed=seed, collect=False, device=args.device))
+        critical_weight=wm_weight, seed=seed, collect=False, device=args.device))
     lone = args.members == 1
     return train_ppo_in_dream.main(train_ppo_in_dream.Args(
         ckpt_dir=directory, data_dir=args.data_dir, log_dir=args.log_dir, num_envs=args.num_envs,
@@ -314,6 +336,8 @@ def main(args: Args) -> None:
     if args.snapshots < 1 or args.snapshot_spacing < 1 or min(snapshot_rounds(args), default=0) < 0:
         raise UserError(f"--snapshots {args.snapshots} with --snapshot-spacing {args.snapshot_spacing} needs rounds "
                         f"that exist: at least 1 each, and (snapshots - 1) x spacing below --rounds {args.rounds}")
+    if args.calibrate and args.members > 1:
+        raise UserError("--calibrate measures one world model and its controller: not with --members")
     if args.snapshots > 1 and args.members > 1:
         raise UserError("--snapshots and --members both make CKPT_DIR's ensemble: use one of them")
     loop_path = args.ckpt_dir / LOOP_FILE
@@ -328,7 +352,8 @@ def main(args: Args) -> None:
         if not (args.ckpt_dir / "vae.pt").exists():
             train_vae.main(train_vae.Args(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, log_dir=args.log_dir,
                                           epochs=args.vae_epochs, seed=args.seed, collect=False, device=args.device))
-        metrics = [train_member(args, round_index, index) for index in range(args.members)]
+        wm_weight = world_model_weight(args, records, calibration)
+        metrics = [train_member(args, round_index, index, wm_weight) for index in range(args.members)]
         keep_round(args, round_index)
         dream = float(np.mean([m.get("dream_return", math.nan) for m in metrics]))  # each member in its own dream
         if args.members > 1:
@@ -349,7 +374,8 @@ def main(args: Args) -> None:
                   "episodes": len(list_episodes(args.data_dir)), "wall_seconds": round(wall, 1),
                   "dream_return": dream, "real_return": real_return,
                   "collect_return_deterministic": collect_returns[0] if round_index else math.nan,
-                  "collect_return_noisy": collect_returns[-1] if round_index else math.nan, **calibration}
+                  "collect_return_noisy": collect_returns[-1] if round_index else math.nan,
+                  "wm_critical_weight": wm_weight, **calibration}
         records.append(record)
         atomic_write(loop_path, lambda f: f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                "rounds": records}, indent=2).encode()))
@@ -358,7 +384,8 @@ def main(args: Args) -> None:
               f"dream return {record['dream_return']:.1f}, real check {record['real_return']:.1f} "
               f"over {args.check_episodes} tracks" + (
                   f"; the road lost within 30 decisions: {calibration['road_loss_real']:.1%} of the round's "
-                  f"states, {calibration['road_loss_dream']:.1%} in the dream" if calibration else ""))
+                  f"states, {calibration['road_loss_dream']:.1%} in the dream" if calibration else "")
+              + (f"; world model's critical weight {wm_weight:.2f}" if args.calibrate else ""))
     print(f"dream-trained controller in {args.ckpt_dir / 'controller_ppo_dream.pt'}; rounds in {loop_path}")
     if args.snapshots > 1:  # (again on a re-run: it is cheap, and the last round may have changed)
         make_ensemble.main(make_ensemble.Args(

@@ -237,6 +237,25 @@ def test_evaluation_with_held_decisions_equals_the_frame_by_frame_agent(tmp_path
     assert result["frames"] == 2 * 60
 
 
+def test_the_calibrated_world_model_weight_follows_the_dream_s_rate_of_losing_the_road():
+    from train_dream_loop import MAX_CRITICAL_WEIGHT, Args, world_model_weight
+
+    args = Args(calibrate=True, wm_critical_weight=2.0)
+    assert world_model_weight(args, [], {}) == 2.0  # round 0: no calibration yet
+    last = [{"wm_critical_weight": 4.0}]
+    too_rare = world_model_weight(args, last, {"road_loss_real": 0.35, "road_loss_dream": 0.08})
+    assert too_rare == pytest.approx(4.0 * math.sqrt(0.36 / 0.09))  # 4x too rare (with the 1% floor): twice the weight
+    too_often = world_model_weight(args, last, {"road_loss_real": 0.08, "road_loss_dream": 0.35})
+    assert too_often == pytest.approx(2.0) and world_model_weight(
+        args, last, {"road_loss_real": 0.2, "road_loss_dream": 0.2}) == 4.0  # calibrated: kept
+    assert world_model_weight(args, last, {"road_loss_real": 0.9, "road_loss_dream": 0.0}) == MAX_CRITICAL_WEIGHT
+    assert world_model_weight(args, [{"wm_critical_weight": 1.0}],
+                              {"road_loss_real": 0.0, "road_loss_dream": 0.5}) == 1.0  # never below uniform
+    assert world_model_weight(args, last, {"road_loss_real": math.nan, "road_loss_dream": math.nan}) == 4.0
+    fixed = Args(wm_critical_weight=3.0)  # without --calibrate the weight is the flag's, whatever was measured
+    assert world_model_weight(fixed, last, {"road_loss_real": 0.35, "road_loss_dream": 0.08}) == 3.0
+
+
 def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     ckpt = make_checkpoint_dir(tmp_path, action_repeat=4)
     (ckpt / "world_model.pt").unlink()  # the loop trains its own on the episodes it collects
@@ -253,6 +272,7 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     assert [r["round"] for r in records] == [0, 1] and records[1]["real_frames"] > records[0]["real_frames"]
     # round 1's calibration ran on its noise-free episode (10 decisions: too short for a 30-decision look-ahead)
     assert "road_loss_real" not in records[0] and math.isnan(records[1]["road_loss_dream"])
+    assert [r["wm_critical_weight"] for r in records] == [1.0, 1.0]
     assert len(list_episodes(tmp_path / "data", ["round1"])) == 1 and (ckpt / "dream_loop.png").exists()
     assert load_agent(ckpt, "ppo_dream").action_repeat == 4
     kept = [ckpt / "rounds" / f"round{r}" for r in (0, 1)]  # each round's world model and controller, as they were
