@@ -181,7 +181,8 @@ def road_loss_check(args: Args, round_index: int) -> dict:
     """The dream's calibration where tracks are decided (dream.road_loss_rates): how often the road is lost within
     30 decisions of a decision on it, in round ROUND_INDEX's noise-free episodes and in the dream of the world model
     and controller that drove them (round ROUND_INDEX - 1's, kept in CKPT_DIR/rounds/, which had not seen them).
-    Logged, never used; {} for round 0 and for several members (an ensemble drove)."""
+    Logged; only --calibrate uses it (world_model_weight); {} for round 0 and for several members (an ensemble
+    drove)."""
     previous = round_dir(args, round_index - 1)
     if round_index == 0 or args.members > 1 or not (previous / "controller_ppo_dream.pt").exists():
         return {}
