@@ -77,13 +77,14 @@ iterate: venv
 # The controller never sees a real return; the per-round real check is only printed and logged. After `make train`
 # the loop starts from its VAE (CKPT_DIR/vae.pt, copied in), as the shipped runs did; else it trains its own.
 DREAM_ROUNDS ?= 10
+DREAM_EPISODES ?= 50
 DREAM_DIR ?= $(CKPT_DIR)/dream
 DREAM_DATA ?= $(DATA_DIR)/dream
 dream: venv
 	mkdir -p $(DREAM_DIR)
 	if [ -f $(CKPT_DIR)/vae.pt ]; then cp -n $(CKPT_DIR)/vae.pt $(DREAM_DIR)/; fi
 	$(PY) train_dream_loop.py --data-dir $(DREAM_DATA) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
-		--env-backend $(BACKEND)
+		--episodes-per-round $(DREAM_EPISODES) --env-backend $(BACKEND)
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller ppo_dream --episodes $(EVAL_EPISODES)
 
 # An ensemble of dream-trained controllers: the same loop again with another seed, on the first run's VAE and
@@ -98,7 +99,7 @@ dream-ensemble: dream
 	cp -n $(DREAM_DIR)/vae.pt $(SEED_DIR)/
 	cp -rn $(DREAM_DATA)/rollouts/random $(SEED_DATA)/rollouts/
 	$(PY) train_dream_loop.py --data-dir $(SEED_DATA) --ckpt-dir $(SEED_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
-		--env-backend $(BACKEND) --seed $(ENSEMBLE_SEED)
+		--episodes-per-round $(DREAM_EPISODES) --env-backend $(BACKEND) --seed $(ENSEMBLE_SEED)
 	$(PY) make_ensemble.py --members $(DREAM_DIR) $(SEED_DIR) --out-dir $(ENSEMBLE_DIR)
 	$(PY) evaluate.py --ckpt-dir $(ENSEMBLE_DIR) --controller ensemble --episodes $(EVAL_EPISODES)
 
