@@ -141,6 +141,27 @@ class NoProgressStop(gym.Wrapper):
         return obs, reward, terminated or self.since_tile >= self.frames, truncated, info
 
 
+class OffRoadPenalty(gym.Wrapper):
+    """Subtract `penalty` from each frame's reward while no wheel touches the road (training only).
+
+    The PPO controller's disasters are bends taken too fast: the car slides onto the grass and rarely finds the
+    road again. Only the no-progress stop and the lost future returns punish that, both rare and late; a penalty
+    on every frame off the road makes each slide wide a signal. A wheel's `tiles` are the road tiles it touches
+    (gymnasium's FrictionDetector), so the stock and the fast env both have them.
+    """
+
+    def __init__(self, env: gym.Env, penalty: float):
+        super().__init__(env)
+        self.penalty = penalty
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        car = self.env.unwrapped.car
+        if car is not None and not any(wheel.tiles for wheel in car.wheels):
+            reward = float(reward) - self.penalty
+        return obs, reward, terminated, truncated, info
+
+
 def _die_with_parent() -> None:
     """Linux: have the kernel kill this worker when its parent dies, instead of it finishing an episode
     and then failing on the closed result pipe (a killed run then leaves no stray process)."""
@@ -153,13 +174,18 @@ def _die_with_parent() -> None:
 
 class _PreprocessedEnv(gym.ObservationWrapper):
     """make_env(backend) whose observation is the preprocessed 64x64 frame (done in the env's own
-    worker process, so only 12 KB per step cross the pipe), optionally with ActionRepeat and
-    NoProgressStop (0: off) for training."""
+    worker process, so only 12 KB per step cross the pipe), optionally with ActionRepeat, and for training
+    NoProgressStop (0: off) and OffRoadPenalty (0: off; outside the stop, which must see the env's reward)."""
 
-    def __init__(self, backend: str, max_steps: int, action_repeat: int = 1, no_progress_frames: int = 0):
+    def __init__(self, backend: str, max_steps: int, action_repeat: int = 1, no_progress_frames: int = 0,
+                 off_road_penalty: float = 0.0):
         env = make_env(backend, max_steps)
         if no_progress_frames:
             env = NoProgressStop(env, no_progress_frames)
+        if off_road_penalty:
+            if not hasattr(env.unwrapped, "car"):
+                raise UserError("--off-road-penalty needs the car's wheels: use --env-backend fast or gymnasium")
+            env = OffRoadPenalty(env, off_road_penalty)
         super().__init__(hold_actions(env, action_repeat))
         self.observation_space = gym.spaces.Box(0, 255, (FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
 
@@ -198,10 +224,10 @@ class ProcessVectorEnv:
     """
 
     def __init__(self, num_envs: int, backend: str = "fast", max_steps: int = 1000, workers: int = 2,
-                 action_repeat: int = 1, no_progress_frames: int = 0):
+                 action_repeat: int = 1, no_progress_frames: int = 0, off_road_penalty: float = 0.0):
         make_env(backend, max_steps).close()  # a bad backend fails here, in one line, not in a worker
         env_kwargs = {"backend": backend, "max_steps": max_steps, "action_repeat": action_repeat,
-                      "no_progress_frames": no_progress_frames}
+                      "no_progress_frames": no_progress_frames, "off_road_penalty": off_road_penalty}
         workers = max(1, min(workers, num_envs))
         self.counts = [num_envs // workers + (i < num_envs % workers) for i in range(workers)]
         context = mp.get_context("spawn")
@@ -251,13 +277,14 @@ class RealFeatureEnvs:
     kind = "real"
 
     def __init__(self, ckpt_dir: Path, num_envs: int, backend: str = "fast", max_steps: int = 1000, seed: int = 0,
-                 device="cpu", workers: int = 2, no_progress_frames: int = 0):
+                 device="cpu", workers: int = 2, no_progress_frames: int = 0, off_road_penalty: float = 0.0):
         vae, world_model, _ = load_vae_and_world_model(Path(ckpt_dir), device)
         action_repeat = world_model.config.action_repeat
         self.num_envs, self.seed, self.device, self.action_repeat = num_envs, seed, device, action_repeat
         self.obs_dim = world_model.controller_input_dim
         self.features = FeatureTracker(vae, world_model, num_envs, device)
-        self.envs = ProcessVectorEnv(num_envs, backend, max_steps, workers, action_repeat, no_progress_frames)
+        self.envs = ProcessVectorEnv(num_envs, backend, max_steps, workers, action_repeat, no_progress_frames,
+                                     off_road_penalty)
 
     def skip(self, decisions: int) -> None:
         """Start past what DECISIONS steps of each env drew (a resumed run plays other tracks than it had)."""

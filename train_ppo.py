@@ -32,6 +32,9 @@ class Args(PPOArgs):
     """torch CPU threads of this process (the env workers take the cores)"""
     no_progress_frames: int = 100
     """end a training episode after this many frames without a new road tile (0: never); not in evaluation"""
+    off_road_penalty: float = 0.0
+    """subtract this from a training frame's reward while no wheel is on the road (0: off; the logged training
+    returns include it, the checks and evaluation do not)"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3, faster) or gymnasium (stock) for the training envs"""
     train_seed: int = 20_000_000
@@ -41,7 +44,8 @@ class Args(PPOArgs):
 def main(args: Args) -> None:
     device = setup_stage(args)
     envs = RealFeatureEnvs(args.ckpt_dir, args.num_envs, args.env_backend, args.max_steps,
-                           args.train_seed + 1000 * args.seed, device, args.workers, args.no_progress_frames)
+                           args.train_seed + 1000 * args.seed, device, args.workers, args.no_progress_frames,
+                           args.off_road_penalty)
     train_ppo(args, envs, "ppo", device)
 
 

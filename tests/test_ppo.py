@@ -302,3 +302,19 @@ def test_weight_averaging_ships_the_average_and_resumes_the_raw_weights(tmp_path
     run(3)
     assert int(load_checkpoint(ckpt / "ppo_dream_latest.pt")["averaged_model"]["n_averaged"]) == 3
     assert load_checkpoint(controller_path(ckpt, "ppo_dream"))["update"] == 3
+
+
+def test_off_road_penalty_is_paid_on_the_frames_with_no_wheel_on_the_road():
+    penalised, plain = _PreprocessedEnv("fast", 1000, off_road_penalty=5.0), _PreprocessedEnv("fast", 1000)
+    try:
+        penalised.reset(seed=3), plain.reset(seed=3)
+        off_road = []
+        for _ in range(150):  # full lock and full gas: the car leaves the road within a few seconds
+            action = np.array([-1.0, 1.0, 0.0], np.float32)
+            paid, earned = penalised.step(action)[1], plain.step(action)[1]
+            off = not any(wheel.tiles for wheel in penalised.unwrapped.car.wheels)
+            assert paid == pytest.approx(earned - 5.0 * off)
+            off_road.append(off)
+        assert not off_road[0] and sum(off_road) > 10, "starts on the road, then pays for the grass"
+    finally:
+        penalised.close(), plain.close()
