@@ -141,6 +141,63 @@ class NoProgressStop(gym.Wrapper):
         return obs, reward, terminated or self.since_tile >= self.frames, truncated, info
 
 
+class LossRestarts(gym.Wrapper):
+    """Training only: start a share of the episodes shortly before a place where an earlier one lost the road.
+
+    The PPO controller's disasters are rare moments (a hairpin taken too fast, then the road never found again)
+    that ordinary episodes practise rarely; the dream loop's controller stopped failing once its imagination
+    started around such moments more often. CarRacing is deterministic given the track seed and the actions
+    (bit for bit, tests/test_ppo.py), so a moment is kept as (seed, the actions up to it) and restored by
+    replaying them without drawing (FastCarRacing's physics are ~0.05 ms a frame). Every episode is reset on an
+    explicit seed drawn from this wrapper's own stream (seeded by the first seeded reset). An episode that ends
+    without finishing its lap (the no-progress stop inside, or the playfield left) lost the road at its last
+    new tile; a start 10-40 decisions (40-160 frames) before that, past the zoomed-out first 60 frames, joins
+    the last `keep` kept by this env. Then each reset, with probability `share`, restarts at one of them. The
+    agent's memory h starts there from zero, and the logged training return of a restarted episode counts
+    from the restart.
+    """
+
+    def __init__(self, env: gym.Env, share: float, keep: int = 32, before: tuple[int, int] = (40, 160),
+                 first_frame: int = 60):
+        super().__init__(env)
+        self.share, self.keep, self.before, self.first_frame = share, keep, before, first_frame
+        self.rng = np.random.default_rng(0)
+        self.moments: list[tuple[int, np.ndarray]] = []  # (track seed, per-frame actions to replay)
+        self.seed, self.actions, self.last_tile, self.restarted = 0, [], 0, False
+
+    def reset(self, *, seed: int | None = None, options=None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.restarted = bool(self.moments) and self.rng.random() < self.share
+        if not self.restarted:
+            self.seed, self.actions, self.last_tile = int(self.rng.integers(2**31)), [], 0
+            return self.env.reset(seed=self.seed, options=options)
+        self.seed, prefix = self.moments[self.rng.integers(len(self.moments))]
+        obs, info = self.env.reset(seed=self.seed, options=options)
+        base = self.env.unwrapped
+        for action in prefix:
+            if hasattr(base, "draw_state"):
+                base.draw_state = False
+            self.env.step(action)
+        if hasattr(base, "draw_state"):
+            base.draw_state = True
+            base.state = base._render("state_pixels")
+        obs = base.state
+        self.actions, self.last_tile = list(prefix), len(prefix)
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.actions.append(np.asarray(action, np.float32))
+        if reward > 0:
+            self.last_tile = len(self.actions)
+        if terminated and not info.get("lap_finished", False):
+            start = self.last_tile - int(self.rng.integers(*self.before))
+            if start >= self.first_frame:
+                self.moments = (self.moments + [(self.seed, np.stack(self.actions[:start]))])[-self.keep:]
+        return obs, reward, terminated, truncated, info
+
+
 class OffRoadPenalty(gym.Wrapper):
     """Subtract `penalty` from each frame's reward while no wheel touches the road (training only).
 
@@ -175,13 +232,18 @@ def _die_with_parent() -> None:
 class _PreprocessedEnv(gym.ObservationWrapper):
     """make_env(backend) whose observation is the preprocessed 64x64 frame (done in the env's own
     worker process, so only 12 KB per step cross the pipe), optionally with ActionRepeat, and for training
-    NoProgressStop (0: off) and OffRoadPenalty (0: off; outside the stop, which must see the env's reward)."""
+    NoProgressStop (0: off), LossRestarts (share 0: off) and OffRoadPenalty (0: off; outside the others, which
+    must see the env's reward)."""
 
     def __init__(self, backend: str, max_steps: int, action_repeat: int = 1, no_progress_frames: int = 0,
-                 off_road_penalty: float = 0.0):
+                 off_road_penalty: float = 0.0, loss_restarts: float = 0.0):
         env = make_env(backend, max_steps)
         if no_progress_frames:
             env = NoProgressStop(env, no_progress_frames)
+        if loss_restarts:
+            if not hasattr(env.unwrapped, "car"):
+                raise UserError("--loss-restarts replays the car's physics: use --env-backend fast or gymnasium")
+            env = LossRestarts(env, loss_restarts)
         if off_road_penalty:
             if not hasattr(env.unwrapped, "car"):
                 raise UserError("--off-road-penalty needs the car's wheels: use --env-backend fast or gymnasium")
@@ -224,10 +286,12 @@ class ProcessVectorEnv:
     """
 
     def __init__(self, num_envs: int, backend: str = "fast", max_steps: int = 1000, workers: int = 2,
-                 action_repeat: int = 1, no_progress_frames: int = 0, off_road_penalty: float = 0.0):
+                 action_repeat: int = 1, no_progress_frames: int = 0, off_road_penalty: float = 0.0,
+                 loss_restarts: float = 0.0):
         make_env(backend, max_steps).close()  # a bad backend fails here, in one line, not in a worker
         env_kwargs = {"backend": backend, "max_steps": max_steps, "action_repeat": action_repeat,
-                      "no_progress_frames": no_progress_frames, "off_road_penalty": off_road_penalty}
+                      "no_progress_frames": no_progress_frames, "off_road_penalty": off_road_penalty,
+                      "loss_restarts": loss_restarts}
         workers = max(1, min(workers, num_envs))
         self.counts = [num_envs // workers + (i < num_envs % workers) for i in range(workers)]
         context = mp.get_context("spawn")
@@ -277,14 +341,15 @@ class RealFeatureEnvs:
     kind = "real"
 
     def __init__(self, ckpt_dir: Path, num_envs: int, backend: str = "fast", max_steps: int = 1000, seed: int = 0,
-                 device="cpu", workers: int = 2, no_progress_frames: int = 0, off_road_penalty: float = 0.0):
+                 device="cpu", workers: int = 2, no_progress_frames: int = 0, off_road_penalty: float = 0.0,
+                 loss_restarts: float = 0.0):
         vae, world_model, _ = load_vae_and_world_model(Path(ckpt_dir), device)
         action_repeat = world_model.config.action_repeat
         self.num_envs, self.seed, self.device, self.action_repeat = num_envs, seed, device, action_repeat
         self.obs_dim = world_model.controller_input_dim
         self.features = FeatureTracker(vae, world_model, num_envs, device)
         self.envs = ProcessVectorEnv(num_envs, backend, max_steps, workers, action_repeat, no_progress_frames,
-                                     off_road_penalty)
+                                     off_road_penalty, loss_restarts)
 
     def skip(self, decisions: int) -> None:
         """Start past what DECISIONS steps of each env drew (a resumed run plays other tracks than it had)."""

@@ -35,6 +35,9 @@ class Args(PPOArgs):
     off_road_penalty: float = 0.0
     """subtract this from a training frame's reward while no wheel is on the road (0: off; the logged training
     returns include it, the checks and evaluation do not)"""
+    loss_restarts: float = 0.0
+    """share of training episodes that restart 10-40 decisions before a place where an earlier one lost the road
+    (envs.LossRestarts; 0: off)"""
     env_backend: str = "fast"
     """fast (pixel-exact CarRacing-v3, faster) or gymnasium (stock) for the training envs"""
     train_seed: int = 20_000_000
@@ -45,7 +48,7 @@ def main(args: Args) -> None:
     device = setup_stage(args)
     envs = RealFeatureEnvs(args.ckpt_dir, args.num_envs, args.env_backend, args.max_steps,
                            args.train_seed + 1000 * args.seed, device, args.workers, args.no_progress_frames,
-                           args.off_road_penalty)
+                           args.off_road_penalty, args.loss_restarts)
     train_ppo(args, envs, "ppo", device)
 
 

@@ -318,3 +318,29 @@ def test_off_road_penalty_is_paid_on_the_frames_with_no_wheel_on_the_road():
         assert not off_road[0] and sum(off_road) > 10, "starts on the road, then pays for the grass"
     finally:
         penalised.close(), plain.close()
+
+
+def test_loss_restarts_replay_the_car_to_where_an_earlier_episode_lost_the_road():
+    from envs import LossRestarts, NoProgressStop, make_env
+
+    env = LossRestarts(NoProgressStop(make_env("fast", 1000), 30), share=1.0, before=(5, 20), first_frame=20)
+    try:
+        env.reset(seed=4)
+        assert not env.restarted, "nothing lost yet: an ordinary episode"
+        poses, terminated = [], False
+        for frame in range(400):  # straight on at first, then full lock: the road is lost, the stop ends it
+            action = np.array([0.0, 0.3, 0.0] if frame < 80 else [-1.0, 1.0, 0.0], np.float32)
+            terminated = env.step(action)[2]
+            car = env.unwrapped.car.hull
+            poses.append((*car.position, car.angle))
+            if terminated:
+                break
+        assert terminated and len(env.moments) == 1
+        seed, prefix = env.moments[0]
+        assert seed == env.seed and 20 <= len(prefix) <= env.last_tile - 5
+        frame, _ = env.reset()
+        car = env.unwrapped.car.hull
+        assert env.restarted and (*car.position, car.angle) == poses[len(prefix) - 1], "the same car, bit for bit"
+        assert env.unwrapped.draw_state and frame.shape == (96, 96, 3) and frame is env.unwrapped.state
+    finally:
+        env.close()
