@@ -175,11 +175,12 @@ class LossRestarts(gym.Wrapper):
         self.seed, prefix = self.moments[self.rng.integers(len(self.moments))]
         obs, info = self.env.reset(seed=self.seed, options=options)
         base = self.env.unwrapped
+        can_skip = hasattr(base, "draw_state")
         for action in prefix:
-            if hasattr(base, "draw_state"):
+            if can_skip:
                 base.draw_state = False
             self.env.step(action)
-        if hasattr(base, "draw_state"):
+        if can_skip:
             base.draw_state = True
             base.state = base._render("state_pixels")
         obs = base.state
@@ -240,13 +241,12 @@ class _PreprocessedEnv(gym.ObservationWrapper):
         env = make_env(backend, max_steps)
         if no_progress_frames:
             env = NoProgressStop(env, no_progress_frames)
+        if (loss_restarts or off_road_penalty) and not hasattr(env.unwrapped, "car"):
+            raise UserError(f"--loss-restarts and --off-road-penalty need the car's physics: use --env-backend fast "
+                            f"or gymnasium, not {backend}")
         if loss_restarts:
-            if not hasattr(env.unwrapped, "car"):
-                raise UserError("--loss-restarts replays the car's physics: use --env-backend fast or gymnasium")
             env = LossRestarts(env, loss_restarts)
         if off_road_penalty:
-            if not hasattr(env.unwrapped, "car"):
-                raise UserError("--off-road-penalty needs the car's wheels: use --env-backend fast or gymnasium")
             env = OffRoadPenalty(env, off_road_penalty)
         super().__init__(hold_actions(env, action_repeat))
         self.observation_space = gym.spaces.Box(0, 255, (FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
