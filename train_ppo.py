@@ -2,7 +2,8 @@
 
 Reads:  CKPT_DIR/vae.pt and world_model.pt.
 Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the identities of the VAE
-        and world model it saw the world through), CKPT_DIR/ppo_latest.pt (plus optimizer and reward
+        and world model it saw the world through; with --keep-best, in the end the one of the best real
+        check), CKPT_DIR/ppo_latest.pt (plus optimizer and reward
         scaler: re-running resumes), TensorBoard logs under LOG_DIR/ppo-<time>/ (training episode
         returns, losses, KL, explained variance, steps/s, and the deterministic policy's real score on
         EVAL_EPISODES fixed tracks every EVAL_EVERY updates).
@@ -42,6 +43,9 @@ class Args(PPOArgs):
     """fast (pixel-exact CarRacing-v3, faster) or gymnasium (stock) for the training envs"""
     train_seed: int = 20_000_000
     """env i starts on track seed TRAIN_SEED + i, then draws its own tracks"""
+    keep_best: bool = False
+    """ship the controller whose real check (EVAL_EPISODES tracks from EVAL_SEED, every EVAL_EVERY updates and at
+    the end) scored best instead of the last one"""
 
 
 def main(args: Args) -> None:
@@ -49,7 +53,7 @@ def main(args: Args) -> None:
     envs = RealFeatureEnvs(args.ckpt_dir, args.num_envs, args.env_backend, args.max_steps,
                            args.train_seed + 1000 * args.seed, device, args.workers, args.no_progress_frames,
                            args.off_road_penalty, args.loss_restarts)
-    train_ppo(args, envs, "ppo", device)
+    train_ppo(args, envs, "ppo", device, keep_best=args.keep_best)
 
 
 if __name__ == "__main__":

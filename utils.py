@@ -141,7 +141,7 @@ def resume_controller_checkpoint(latest_path: Path, out_path: Path, fresh: bool,
 
 
 CONTROLLER_RESUME_KEYS = ("optimizer", "reward_scaler", "es_state", "trained_state_dict",
-                          "averaged_model")  # in *_latest.pt only, not in controller_*.pt
+                          "averaged_model", "best_check")  # in *_latest.pt only, not in controller_*.pt
 
 
 def seed_everything(seed: int) -> None:

@@ -4,6 +4,7 @@ train_ppo.py (real envs, envs.RealFeatureEnvs) and train_ppo_in_dream.py (dreams
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -18,7 +19,15 @@ from tqdm import tqdm
 
 from agent import CONTROLLER_SCRIPTS
 from rollouts import evaluate_agent
-from utils import UserError, checkpoint_identity, plain, resume_controller_checkpoint, save_stage, stage_checkpoint
+from utils import (
+    UserError,
+    checkpoint_identity,
+    plain,
+    resume_controller_checkpoint,
+    save_checkpoint,
+    save_stage,
+    stage_checkpoint,
+)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
@@ -170,7 +179,8 @@ class PPOArgs(ControllerStageArgs):
     """the actor's distribution over the bounded action"""
 
 
-def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_start: bool = False) -> dict:
+def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_start: bool = False,
+              keep_best: bool = False) -> dict:
     """The PPO loop shared by train_ppo.py (real envs) and train_ppo_in_dream.py (dreams).
 
     `envs`: RealFeatureEnvs, DreamFeatureEnvs or ImaginedFeatureEnvs. With `warm_start`, a <name>_latest.pt
@@ -181,15 +191,19 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_star
     and reward scaler: re-running resumes) after every update, TensorBoard scalars under LOG_DIR/<name>-<time>/
     (`<kind>/episode_return` for the training episodes, `eval/real_return` every EVAL_EVERY updates, and
     whatever `extra_eval(model)` returns then). Returns the last metrics. The envs are closed when it
-    returns or raises.
+    returns or raises. With `keep_best` (real-env PPO only: a dream-trained controller is never picked by a real
+    return), CONTROLLER_<name>.pt ends as the controller whose real check scored best (the earliest of equals),
+    not the last one; the last stays in <name>_latest.pt, which also carries the best so far across a resume.
     """
+    if keep_best and not (args.eval_every and args.eval_episodes):
+        raise UserError("keeping the best-checked controller needs real checks: --eval-every and --eval-episodes > 0")
     try:  # the envs' worker processes end with the loop, whatever way it ends
-        return _ppo_loop(args, envs, name, device, extra_eval, warm_start)
+        return _ppo_loop(args, envs, name, device, extra_eval, warm_start, keep_best)
     finally:
         envs.close()
 
 
-def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bool) -> dict:
+def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bool, keep_best: bool) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from actor_critic import ActorCritic, ControllerConfig, to_env_action
@@ -217,6 +231,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
     start_update, log_dir = 0, args.log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = resume_controller_checkpoint(latest_path, out_path, args.fresh, identities["world_model"]["sha256"],
                                               config, CONTROLLER_SCRIPTS[name], device, warm_start)
+    # keep_best: {"real_return", "update", "controller": the controller checkpoint of that update}
+    best = checkpoint.get("best_check") if checkpoint and not checkpoint.get("warm_start") else None
     if checkpoint:
         model.load_state_dict(checkpoint.get("trained_state_dict", checkpoint["state_dict"]))  # (raw, if averaged)
         if averaged is not None and "averaged_model" in checkpoint and not checkpoint.get("warm_start"):
@@ -231,6 +247,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
     envs.skip(start_update * args.rollout_steps)  # a resumed run draws new tracks or dreams, not the ones it had
     if start_update >= updates:
         print(f"{latest_path} has already trained {start_update} updates; nothing to do")
+        if keep_best:
+            _ship_best(best, out_path)
         return checkpoint["metrics"]
 
     print(f"PPO ({args.distribution} actor) on {envs.num_envs} {envs.kind} envs: {updates} updates of "
@@ -302,6 +320,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
             resume_state = {"optimizer": optimizer.state_dict(), "reward_scaler": scaler.state_dict()}
             if averaged is not None:
                 resume_state |= {"trained_state_dict": model.state_dict(), "averaged_model": averaged.state_dict()}
+            if keep_best:
+                resume_state["best_check"] = best
             save_stage(out_path, latest_path, checkpoint, resume_state)
             if args.eval_every and ((update + 1) % args.eval_every == 0 or update + 1 == updates):
                 line = f"update {update + 1}:"
@@ -311,6 +331,12 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                     writer.add_scalar("eval/real_return", real["mean"], env_steps)
                     line += f" real env {real['mean']:.1f} ± {real['std']:.1f} over {args.eval_episodes} tracks,"
                     metrics["real_return"] = real["mean"]
+                    if keep_best and (best is None or real["mean"] > best["real_return"]):
+                        # a copy: the checkpoint's state_dict holds the live weights, which train on
+                        best = {"real_return": real["mean"], "update": update + 1,
+                                "controller": copy.deepcopy(checkpoint)}
+                        line += " the best so far,"
+                        resume_state["best_check"] = best
                 for key, value in (extra_eval(shipped) if extra_eval else {}).items():
                     writer.add_scalar(f"eval/{key}", value, env_steps)
                     line += f" {key.replace('_', ' ')} {value:.1f},"
@@ -324,5 +350,16 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
     finally:
         bar.close()
         writer.close()
+    if keep_best:
+        _ship_best(best, out_path)
     print(f"controller in {out_path}")
     return metrics
+
+
+def _ship_best(best: dict | None, out_path: Path) -> None:
+    """Write the best-checked controller as the stage's output (again on a re-run: the same file)."""
+    if best is None:  # (a kill before the first check was saved: the last controller stays)
+        print(f"no real check was recorded: {out_path} is the last controller")
+        return
+    save_checkpoint(out_path, best["controller"])
+    print(f"kept the controller of update {best['update']}, whose real check scored {best['real_return']:.1f}")

@@ -304,6 +304,48 @@ def test_weight_averaging_ships_the_average_and_resumes_the_raw_weights(tmp_path
     assert load_checkpoint(controller_path(ckpt, "ppo_dream"))["update"] == 3
 
 
+def test_keep_best_ships_the_best_checked_controller_across_a_resume(tmp_path, monkeypatch):
+    """With keep_best the controller file ends as the one whose real check scored best (ties: the earliest),
+    the last one stays in the latest checkpoint, and a resumed run remembers the best of its first part."""
+    import utils_rl
+
+    ckpt = make_checkpoint_dir(tmp_path, world_model=gas_pays_world_model())
+    scores = iter([5.0, 9.0, 9.0, 3.0, 12.0])  # the checks of updates 1, 2, ... in turn
+    checked = {}  # update -> the weights the check played
+
+    def fake_check(ckpt_dir, name, *args, **kwargs) -> dict:
+        controller = load_checkpoint(controller_path(ckpt_dir, name))
+        checked[controller["update"]] = controller["state_dict"]
+        return {"mean": next(scores), "std": 0.0}
+
+    monkeypatch.setattr(utils_rl, "evaluate_agent", fake_check)
+
+    def run(updates: int) -> dict:
+        dream = BatchedDream(gas_pays_world_model(), torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
+        args = tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20 * updates, eval_every=1, eval_episodes=1)
+        return train_ppo(args, DreamFeatureEnvs(dream), "ppo", torch.device("cpu"), keep_best=True)
+
+    def shipped_update() -> int:
+        shipped = load_checkpoint(controller_path(ckpt, "ppo"))
+        assert not {"best_check", "optimizer"} & set(shipped)
+        for name, value in shipped["state_dict"].items():
+            assert torch.equal(value, checked[shipped["update"]][name]), name
+        return shipped["update"]
+
+    run(4)
+    assert shipped_update() == 2, "9.0 at update 2 (and again at 3: the earliest wins)"
+    latest = load_checkpoint(ckpt / "ppo_latest.pt")
+    assert latest["update"] == 4 and latest["best_check"]["update"] == 2
+    for name, value in latest["state_dict"].items():
+        assert torch.equal(value, checked[4][name]), f"the latest checkpoint keeps the last weights: {name}"
+    run(4)  # nothing left to train: the same file again
+    assert shipped_update() == 2
+    run(5)
+    assert shipped_update() == 5, "the resumed run's update 5 checked 12.0, above the first part's 9.0"
+    with pytest.raises(UserError, match="needs real checks"):
+        train_ppo(tiny_ppo_args(ckpt, tmp_path, eval_every=0), None, "ppo", torch.device("cpu"), keep_best=True)
+
+
 def test_off_road_penalty_is_paid_on_the_frames_with_no_wheel_on_the_road():
     penalised, plain = _PreprocessedEnv("fast", 1000, off_road_penalty=5.0), _PreprocessedEnv("fast", 1000)
     try:
