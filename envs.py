@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -230,25 +231,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class _PreprocessedEnv(gym.ObservationWrapper):
-    """make_env(backend) whose observation is the preprocessed 64x64 frame (done in the env's own
-    worker process, so only 12 KB per step cross the pipe), optionally with ActionRepeat, and for training
-    NoProgressStop (0: off), LossRestarts (share 0: off) and OffRoadPenalty (0: off; outside the others, which
-    must see the env's reward)."""
+@dataclass(frozen=True)
+class TrainingShaping:
+    """What only training episodes get (every field's zero is off); evaluation and checks play the plain env."""
 
-    def __init__(self, backend: str, max_steps: int, action_repeat: int = 1, no_progress_frames: int = 0,
-                 off_road_penalty: float = 0.0, loss_restarts: float = 0.0):
-        env = make_env(backend, max_steps)
-        if no_progress_frames:
-            env = NoProgressStop(env, no_progress_frames)
-        if (loss_restarts or off_road_penalty) and not hasattr(env.unwrapped, "car"):
+    no_progress_frames: int = 0
+    """end an episode after this many frames in a row without a new tile (NoProgressStop)"""
+    off_road_penalty: float = 0.0
+    """subtract this from each frame's reward while no wheel is on the road (OffRoadPenalty)"""
+    loss_restarts: float = 0.0
+    """share of episodes restarted before an earlier loss of the road (LossRestarts)"""
+
+    def wrap(self, env: gym.Env, backend: str) -> gym.Env:
+        """ENV with these wrappers, OffRoadPenalty outside the others (they must see the env's own reward)."""
+        if self.no_progress_frames:
+            env = NoProgressStop(env, self.no_progress_frames)
+        if (self.loss_restarts or self.off_road_penalty) and not hasattr(env.unwrapped, "car"):
             raise UserError(f"--loss-restarts and --off-road-penalty need the car's physics: use --env-backend fast "
                             f"or gymnasium, not {backend}")
-        if loss_restarts:
-            env = LossRestarts(env, loss_restarts)
-        if off_road_penalty:
-            env = OffRoadPenalty(env, off_road_penalty)
-        super().__init__(hold_actions(env, action_repeat))
+        if self.loss_restarts:
+            env = LossRestarts(env, self.loss_restarts)
+        if self.off_road_penalty:
+            env = OffRoadPenalty(env, self.off_road_penalty)
+        return env
+
+
+class _PreprocessedEnv(gym.ObservationWrapper):
+    """make_env(backend) whose observation is the preprocessed 64x64 frame (done in the env's own
+    worker process, so only 12 KB per step cross the pipe), with the training-only SHAPING and ActionRepeat."""
+
+    def __init__(self, backend: str, max_steps: int, action_repeat: int = 1,
+                 shaping: TrainingShaping = TrainingShaping()):
+        super().__init__(hold_actions(shaping.wrap(make_env(backend, max_steps), backend), action_repeat))
         self.observation_space = gym.spaces.Box(0, 255, (FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
 
     def observation(self, frame: np.ndarray) -> np.ndarray:
@@ -286,12 +300,9 @@ class ProcessVectorEnv:
     """
 
     def __init__(self, num_envs: int, backend: str = "fast", max_steps: int = 1000, workers: int = 2,
-                 action_repeat: int = 1, no_progress_frames: int = 0, off_road_penalty: float = 0.0,
-                 loss_restarts: float = 0.0):
-        make_env(backend, max_steps).close()  # a bad backend fails here, in one line, not in a worker
-        env_kwargs = {"backend": backend, "max_steps": max_steps, "action_repeat": action_repeat,
-                      "no_progress_frames": no_progress_frames, "off_road_penalty": off_road_penalty,
-                      "loss_restarts": loss_restarts}
+                 action_repeat: int = 1, shaping: TrainingShaping = TrainingShaping()):
+        shaping.wrap(make_env(backend, max_steps), backend).close()  # bad settings fail here, in one line
+        env_kwargs = {"backend": backend, "max_steps": max_steps, "action_repeat": action_repeat, "shaping": shaping}
         workers = max(1, min(workers, num_envs))
         self.counts = [num_envs // workers + (i < num_envs % workers) for i in range(workers)]
         context = mp.get_context("spawn")
@@ -341,15 +352,13 @@ class RealFeatureEnvs:
     kind = "real"
 
     def __init__(self, ckpt_dir: Path, num_envs: int, backend: str = "fast", max_steps: int = 1000, seed: int = 0,
-                 device="cpu", workers: int = 2, no_progress_frames: int = 0, off_road_penalty: float = 0.0,
-                 loss_restarts: float = 0.0):
+                 device="cpu", workers: int = 2, shaping: TrainingShaping = TrainingShaping()):
         vae, world_model, _ = load_vae_and_world_model(Path(ckpt_dir), device)
         action_repeat = world_model.config.action_repeat
         self.num_envs, self.seed, self.device, self.action_repeat = num_envs, seed, device, action_repeat
         self.obs_dim = world_model.controller_input_dim
         self.features = FeatureTracker(vae, world_model, num_envs, device)
-        self.envs = ProcessVectorEnv(num_envs, backend, max_steps, workers, action_repeat, no_progress_frames,
-                                     off_road_penalty, loss_restarts)
+        self.envs = ProcessVectorEnv(num_envs, backend, max_steps, workers, action_repeat, shaping)
 
     def skip(self, decisions: int) -> None:
         """Start past what DECISIONS steps of each env drew (a resumed run plays other tracks than it had)."""

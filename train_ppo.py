@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from envs import RealFeatureEnvs
+from envs import RealFeatureEnvs, TrainingShaping
 from utils import run_main, setup_stage
 from utils_rl import PPOArgs, train_ppo
 
@@ -50,9 +50,9 @@ class Args(PPOArgs):
 
 def main(args: Args) -> None:
     device = setup_stage(args)
+    shaping = TrainingShaping(args.no_progress_frames, args.off_road_penalty, args.loss_restarts)
     envs = RealFeatureEnvs(args.ckpt_dir, args.num_envs, args.env_backend, args.max_steps,
-                           args.train_seed + 1000 * args.seed, device, args.workers, args.no_progress_frames,
-                           args.off_road_penalty, args.loss_restarts)
+                           args.train_seed + 1000 * args.seed, device, args.workers, shaping)
     train_ppo(args, envs, "ppo", device, keep_best=args.keep_best)
 
 

@@ -11,7 +11,7 @@ from actor_critic import ActorCritic, ControllerConfig
 from agent import Agent, controller_path, load_agent, load_vae_and_world_model
 from conftest import make_checkpoint_dir, run_script
 from dream import BatchedDream, DreamFeatureEnvs
-from envs import RealFeatureEnvs, _PreprocessedEnv
+from envs import RealFeatureEnvs, TrainingShaping, _PreprocessedEnv
 from utils import UserError, load_checkpoint, save_checkpoint
 from utils_rl import PPOArgs, gae, ppo_update, train_ppo
 
@@ -145,7 +145,7 @@ def test_action_repeat_is_the_held_frames_and_draws_only_the_last():
 
 
 def test_no_progress_stop_ends_mid_decision_with_a_drawn_frame():
-    env = _PreprocessedEnv("fast", 1000, action_repeat=4, no_progress_frames=30)
+    env = _PreprocessedEnv("fast", 1000, action_repeat=4, shaping=TrainingShaping(no_progress_frames=30))
     try:
         env.reset(seed=1)
         for decision in range(1, 100):
@@ -347,7 +347,8 @@ def test_keep_best_ships_the_best_checked_controller_across_a_resume(tmp_path, m
 
 
 def test_off_road_penalty_is_paid_on_the_frames_with_no_wheel_on_the_road():
-    penalised, plain = _PreprocessedEnv("fast", 1000, off_road_penalty=5.0), _PreprocessedEnv("fast", 1000)
+    penalised = _PreprocessedEnv("fast", 1000, shaping=TrainingShaping(off_road_penalty=5.0))
+    plain = _PreprocessedEnv("fast", 1000)
     try:
         penalised.reset(seed=3), plain.reset(seed=3)
         off_road = []
