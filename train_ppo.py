@@ -2,11 +2,11 @@
 
 Reads:  CKPT_DIR/vae.pt and world_model.pt.
 Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the identities of the VAE
-        and world model it saw the world through; with --keep-best, in the end the one of the best real
-        check), CKPT_DIR/ppo_latest.pt (plus optimizer and reward
-        scaler: re-running resumes), TensorBoard logs under LOG_DIR/ppo-<time>/ (training episode
-        returns, losses, KL, explained variance, steps/s, and the deterministic policy's real score on
-        EVAL_EPISODES fixed tracks every EVAL_EVERY updates).
+        and world model it saw the world through; with --keep-best, once trained, the one whose real check
+        scored best), CKPT_DIR/ppo_latest.pt (plus optimizer and reward scaler: re-running resumes),
+        TensorBoard logs under LOG_DIR/ppo-<time>/ (training episode returns, losses, KL, explained
+        variance, steps/s, and the deterministic policy's real score on EVAL_EPISODES fixed check tracks
+        every EVAL_EVERY updates).
 
 NUM_ENVS envs run in WORKERS processes (a gymnasium SyncVectorEnv in each, same-step autoreset); each
 decision is held for ACTION_REPEAT frames there (only the last one drawn), its frame preprocessed there,
