@@ -324,23 +324,24 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                 resume_state["best_check"] = best
             save_stage(out_path, latest_path, checkpoint, resume_state)
             if args.eval_every and ((update + 1) % args.eval_every == 0 or update + 1 == updates):
-                line = f"update {update + 1}:"
-                if args.eval_episodes:  # (0: no real check here, e.g. a member of an ensemble the caller checks)
-                    real = evaluate_agent(args.ckpt_dir, name, args.eval_episodes, args.eval_seed, args.workers,
-                                          args.max_steps, progress=False, ray_address=args.ray_address)
-                    writer.add_scalar("eval/real_return", real["mean"], env_steps)
-                    line += f" real env {real['mean']:.1f} ± {real['std']:.1f} over {args.eval_episodes} tracks,"
-                    metrics["real_return"] = real["mean"]
-                    if keep_best and (best is None or real["mean"] > best["real_return"]):
-                        # a copy: the checkpoint's state_dict holds the live weights, which train on
-                        best = {"real_return": real["mean"], "update": update + 1,
-                                "controller": copy.deepcopy(checkpoint)}
-                        line += " the best so far,"
-                        resume_state["best_check"] = best
-                for key, value in (extra_eval(shipped) if extra_eval else {}).items():
-                    writer.add_scalar(f"eval/{key}", value, env_steps)
-                    line += f" {key.replace('_', ' ')} {value:.1f},"
-                    metrics[key] = value
+                with torch.random.fork_rng():  # a check (it builds models to play) must not move training's draws
+                    line = f"update {update + 1}:"
+                    if args.eval_episodes:  # (0: no real check here, e.g. a member of an ensemble the caller checks)
+                        real = evaluate_agent(args.ckpt_dir, name, args.eval_episodes, args.eval_seed, args.workers,
+                                              args.max_steps, progress=False, ray_address=args.ray_address)
+                        writer.add_scalar("eval/real_return", real["mean"], env_steps)
+                        line += f" real env {real['mean']:.1f} ± {real['std']:.1f} over {args.eval_episodes} tracks,"
+                        metrics["real_return"] = real["mean"]
+                        if keep_best and (best is None or real["mean"] > best["real_return"]):
+                            # a copy: the checkpoint's state_dict holds the live weights, which train on
+                            best = {"real_return": real["mean"], "update": update + 1,
+                                    "controller": copy.deepcopy(checkpoint)}
+                            line += " the best so far,"
+                            resume_state["best_check"] = best
+                    for key, value in (extra_eval(shipped) if extra_eval else {}).items():
+                        writer.add_scalar(f"eval/{key}", value, env_steps)
+                        line += f" {key.replace('_', ' ')} {value:.1f},"
+                        metrics[key] = value
                 bar.write(line.rstrip(","))
                 # the checks' figures too, so a re-run that finds nothing to do returns them
                 save_stage(out_path, latest_path, checkpoint | {"metrics": metrics}, resume_state, write_out=False)

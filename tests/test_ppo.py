@@ -346,6 +346,28 @@ def test_keep_best_ships_the_best_checked_controller_across_a_resume(tmp_path, m
         train_ppo(tiny_ppo_args(ckpt, tmp_path, eval_every=0), None, "ppo", torch.device("cpu"), keep_best=True)
 
 
+def test_checks_do_not_change_the_training_run(tmp_path, monkeypatch):
+    """A real check builds models to play (drawing from torch's generator); training's own draws must not move,
+    so that one --seed gives one run however often it is checked."""
+    import utils_rl
+
+    def check(*args, **kwargs) -> dict:
+        torch.rand(7)  # as building the agent to play does
+        return {"mean": 0.0, "std": 0.0}
+
+    monkeypatch.setattr(utils_rl, "evaluate_agent", check)
+    trained = []
+    for eval_every in (0, 1):
+        ckpt = make_checkpoint_dir(tmp_path / f"every{eval_every}", world_model=gas_pays_world_model())
+        torch.manual_seed(0)
+        dream = BatchedDream(gas_pays_world_model(), torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
+        args = tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20 * 3, eval_every=eval_every, eval_episodes=1)
+        train_ppo(args, DreamFeatureEnvs(dream), "ppo", torch.device("cpu"))
+        trained.append(load_checkpoint(controller_path(ckpt, "ppo"))["state_dict"])
+    for name, value in trained[0].items():
+        assert torch.equal(value, trained[1][name]), name
+
+
 def test_off_road_penalty_is_paid_on_the_frames_with_no_wheel_on_the_road():
     penalised = _PreprocessedEnv("fast", 1000, shaping=TrainingShaping(off_road_penalty=5.0))
     plain = _PreprocessedEnv("fast", 1000)
