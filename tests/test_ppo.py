@@ -91,12 +91,16 @@ def tiny_ppo_args(ckpt, tmp_path, **overrides) -> PPOArgs:
     return PPOArgs(**(values | overrides))
 
 
+def tiny_dream_envs(model) -> DreamFeatureEnvs:
+    """16 dreams of 20 steps in MODEL from 3 fixed starts (z 0, log-std -2)."""
+    return DreamFeatureEnvs(BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20))
+
+
 def test_ppo_in_a_tiny_dream_learns_to_press_the_gas(tmp_path):
     model = gas_pays_world_model()  # reward tanh(gas) at every step
     ckpt = make_checkpoint_dir(tmp_path, world_model=model)
     torch.manual_seed(0)
-    dream = BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
-    metrics = train_ppo(tiny_ppo_args(ckpt, tmp_path), DreamFeatureEnvs(dream), "ppo_dream", torch.device("cpu"))
+    metrics = train_ppo(tiny_ppo_args(ckpt, tmp_path), tiny_dream_envs(model), "ppo_dream", torch.device("cpu"))
     agent = load_agent(ckpt, "ppo_dream")
     gas = np.mean([agent(np.zeros((64, 64, 3), np.uint8))[1] for _ in range(5)])
     assert gas > 0.72, f"the initial policy's gas is 0.5; trained {gas:.2f}"
@@ -284,9 +288,8 @@ def test_weight_averaging_ships_the_average_and_resumes_the_raw_weights(tmp_path
     ckpt = make_checkpoint_dir(tmp_path, world_model=model)
 
     def run(updates: int) -> dict:
-        dream = BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
         args = tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20 * updates, weight_average=0.5)
-        return train_ppo(args, DreamFeatureEnvs(dream), "ppo_dream", torch.device("cpu"))
+        return train_ppo(args, tiny_dream_envs(model), "ppo_dream", torch.device("cpu"))
 
     run(2)
     latest = load_checkpoint(ckpt / "ppo_dream_latest.pt")
@@ -321,9 +324,8 @@ def test_keep_best_ships_the_best_checked_controller_across_a_resume(tmp_path, m
     monkeypatch.setattr(utils_rl, "evaluate_agent", fake_check)
 
     def run(updates: int) -> dict:
-        dream = BatchedDream(gas_pays_world_model(), torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
         args = tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20 * updates, eval_every=1, eval_episodes=1)
-        return train_ppo(args, DreamFeatureEnvs(dream), "ppo", torch.device("cpu"), keep_best=True)
+        return train_ppo(args, tiny_dream_envs(gas_pays_world_model()), "ppo", torch.device("cpu"), keep_best=True)
 
     def shipped_update() -> int:
         shipped = load_checkpoint(controller_path(ckpt, "ppo"))
@@ -360,9 +362,8 @@ def test_checks_do_not_change_the_training_run(tmp_path, monkeypatch):
     for eval_every in (0, 1):
         ckpt = make_checkpoint_dir(tmp_path / f"every{eval_every}", world_model=gas_pays_world_model())
         torch.manual_seed(0)
-        dream = BatchedDream(gas_pays_world_model(), torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20)
         args = tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20 * 3, eval_every=eval_every, eval_episodes=1)
-        train_ppo(args, DreamFeatureEnvs(dream), "ppo", torch.device("cpu"))
+        train_ppo(args, tiny_dream_envs(gas_pays_world_model()), "ppo", torch.device("cpu"))
         trained.append(load_checkpoint(controller_path(ckpt, "ppo"))["state_dict"])
     for name, value in trained[0].items():
         assert torch.equal(value, trained[1][name]), name
