@@ -76,7 +76,7 @@ class RunningNorm(nn.Module):
         return ((x - self.mean) / torch.sqrt(self.var + 1e-8)).clamp(-self.clip, self.clip)
 
 
-def _mlp(in_dim: int, hidden_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
     """Two tanh hidden layers, orthogonal init (the PPO implementation details), a small last layer."""
     layers = [nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, hidden_dim), nn.Tanh(),
               nn.Linear(hidden_dim, out_dim)]
@@ -154,8 +154,8 @@ class ActorCritic(nn.Module):
             raise ValueError(f"unknown actor distribution {config.distribution!r}: choose beta or tanh_normal")
         self.config = config
         self.obs_norm = RunningNorm(config.obs_dim)
-        self.actor = _mlp(config.obs_dim, config.hidden_dim, 6 if config.distribution == "beta" else 3, 0.01)
-        self.critic = _mlp(config.obs_dim, config.hidden_dim, 1, 1.0)
+        self.actor = mlp(config.obs_dim, config.hidden_dim, 6 if config.distribution == "beta" else 3, 0.01)
+        self.critic = mlp(config.obs_dim, config.hidden_dim, 1, 1.0)
         if config.distribution == "tanh_normal":
             self.log_std = nn.Parameter(torch.full((3,), -0.5))
 

@@ -2,15 +2,18 @@
 
 Reads:  CKPT_DIR/vae.pt and world_model.pt; with --replay, DATA_DIR's episodes (their latents, cached per VAE).
 Writes: CKPT_DIR/controller_cmaes.pt (the CMA-ES mean after each generation, with the identities of
-        the VAE and world model it was evolved in), CKPT_DIR/cmaes_latest.pt (the evolution state:
-        re-running resumes), TensorBoard logs under LOG_DIR/cmaes-<time>/ (dream fitness best / mean
-        per generation, and the real-env score of the mean every EVAL_EVERY generations).
+        the VAE and world model it was evolved in), CKPT_DIR/cmaes_latest.pt (the evolution state and
+        the --critic's weights: re-running resumes), TensorBoard logs under LOG_DIR/cmaes-<time>/ (dream
+        fitness best / mean per generation, and the real-env score of the mean every EVAL_EVERY generations).
 
 Each generation the population's POPSIZE x ROLLOUTS dreams run as one BatchedDream: one tensor pass
 per step for every candidate. All candidates of a generation dream on the same seeds (common random
 numbers), so they are ranked on the same luck. The fitness is the mean dream return; the real env
 is only looked at, never learned from. Dreams start from the world model's bank of episode starts and
 run whole episodes, or with --replay from the states of replayed real decisions for HORIZON decisions.
+With --critic the fitness is the discounted return (GAMMA) plus the discounted value of where each cut dream
+ends, from a critic (an MLP on [z, h]) fitted after every generation on the lambda-returns of that
+generation's dreams; it rides in cmaes_latest.pt, so a resumed run goes on with it.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from actor_critic import ControllerConfig, LinearController
 from agent import controller_path, load_vae_and_world_model
 from dream import (
     BatchedDream,
+    DreamCritic,
     ReplayStarts,
     counter_uniform,
     dream_fitness,
+    fit_critic,
     load_replay,
     population_fitness_on_cluster,
     run_seeds,
@@ -72,6 +77,13 @@ class Args(ControllerStageArgs):
     """decisions per dream with --replay"""
     critical_weight: float = 1.0
     """with --replay, weight of the real states around a loss of the road when starts are drawn (1: uniform)"""
+    critic: bool = False
+    """pay each dream cut after HORIZON decisions the value of where it ends, from a critic fitted every generation
+    on the population's own dreams (lambda-returns); the fitness is then the discounted return plus that value"""
+    gamma: float = 0.99
+    """discount of the fitness and the critic's returns, with --critic"""
+    critic_lambda: float = 0.95
+    """lambda of the critic's targets, with --critic"""
     data_dir: Path = Path("data")
     """real episodes whose states start the dreams with --replay (DATA_DIR/rollouts/*/)"""
 
@@ -160,6 +172,10 @@ def main(args: Args) -> None:
     vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
     if args.horizon < 1 or not args.critical_weight > 0:
         raise UserError("--horizon must be at least 1 and --critical-weight positive")
+    if args.critic and args.ray_address:
+        raise UserError("--critic is fitted in this process: run it without --ray-address")
+    if not (0 < args.gamma <= 1 and 0 <= args.critic_lambda <= 1):
+        raise UserError("--gamma must be in (0, 1] and --critic-lambda in [0, 1]")
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
                   "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
     config = ControllerConfig(kind="linear", obs_dim=world_model.controller_input_dim,
@@ -168,13 +184,17 @@ def main(args: Args) -> None:
     latest_path, out_path = args.ckpt_dir / "cmaes_latest.pt", controller_path(args.ckpt_dir, "cmaes")
 
     es, start_gen, best_fitness = None, 0, -math.inf
+    critic = DreamCritic(config.obs_dim).to(device) if args.critic else None
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=3e-4) if critic is not None else None
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = resume_controller_checkpoint(latest_path, out_path, args.fresh, identities["world_model"]["sha256"],
                                               config, "train_cmaes_in_dream.py")
     if checkpoint:
-        saved = {"critical_weight": 1.0} | checkpoint["args"]  # (runs from before --critical-weight drew uniformly)
+        # (runs from before --critical-weight drew uniformly, from before --critic had none)
+        saved = {"critical_weight": 1.0, "critic": False, "gamma": 0.99, "critic_lambda": 0.95} | checkpoint["args"]
         changed = [name for name in ("popsize", "sigma0", "seed", "rollouts", "temperature", "max_steps", "replay",
-                                     "horizon", "critical_weight") if saved.get(name) != getattr(args, name)]  # fitness
+                                     "horizon", "critical_weight", "critic", "gamma", "critic_lambda")
+                   if saved.get(name) != getattr(args, name)]  # what the fitness depends on
         if changed:
             raise UserError(f"{latest_path} was evolved with other {', '.join(changed)} "
                             f"({', '.join(f'{name}={saved.get(name)}' for name in changed)}): use the same or --fresh")
@@ -182,6 +202,9 @@ def main(args: Args) -> None:
             raise UserError(f"{latest_path} holds its evolution state in a form this version no longer reads "
                             "(a pickle): re-run with --fresh")
         es = restore_es(new_es(LinearController.num_params(config.obs_dim), args), checkpoint["es_state"])
+        if critic is not None:
+            critic.load_state_dict(checkpoint["critic"])
+            critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
         start_gen, best_fitness = checkpoint["generation"], checkpoint["best_fitness"]
         log_dir = Path(checkpoint["log_dir"])
         print(f"resuming from {latest_path}: generation {start_gen}, best dream fitness {best_fitness:.1f}")
@@ -222,8 +245,10 @@ def main(args: Args) -> None:
                 args.ray_address, args.ckpt_dir / "world_model.pt", solutions, args.rollouts, seeds[base],
                 args.temperature, dream_frames, *((z[base], state[base]) if z is not None else ()))
         else:
+            trajectory = {} if critic is not None else None
             fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device),
-                                    args.rollouts, seeds.to(device), z, state).cpu().numpy()
+                                    args.rollouts, seeds.to(device), z, state, args.gamma if critic else 1.0, critic,
+                                    trajectory).cpu().numpy()
         if not np.isfinite(fitness).all():
             raise UserError(f"dream fitness became non-finite at generation {generation + 1}; "
                             f"the last good checkpoint is {latest_path}")
@@ -232,13 +257,19 @@ def main(args: Args) -> None:
         seconds = time.perf_counter() - gen_start
         metrics = {"fitness_best": float(fitness.max()), "fitness_mean": float(fitness.mean()),
                    "sigma": float(es.sigma), "seconds": seconds}
+        extras = {"es_state": es_state(es)}
+        if critic is not None:  # fitted after the fitness, so every candidate of a generation met the same critic
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + generation)
+            metrics["critic_loss"] = fit_critic(critic, critic_optimizer, trajectory, args.gamma, args.critic_lambda,
+                                                generator)
+            extras |= {"critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()}
         for name, value in metrics.items():
             writer.add_scalar(f"cmaes/{name}", value, generation + 1)
 
         controller.set_flat(torch.as_tensor(es.mean, dtype=torch.float32))
         checkpoint = stage_checkpoint(config, controller, args, log_dir, generation=generation + 1, metrics=metrics,
                                       best_fitness=best_fitness, **identities)
-        save_stage(out_path, latest_path, checkpoint, {"es_state": es_state(es)})
+        save_stage(out_path, latest_path, checkpoint, extras)
         if args.eval_every and (generation + 1) % args.eval_every == 0:
             real = evaluate_agent(args.ckpt_dir, "cmaes", args.eval_episodes, args.eval_seed, args.workers,
                                   progress=False, ray_address=args.ray_address)

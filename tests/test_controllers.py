@@ -9,7 +9,7 @@ import smoke
 from actor_critic import ControllerConfig, LinearController, population_actions, squash
 from agent import controller_path, load_agent
 from conftest import make_checkpoint_dir, make_episode, run_script, save_linear_controller
-from dream import BatchedDream, ReplayStarts, dream_fitness
+from dream import BatchedDream, DreamCritic, ReplayStarts, dream_fitness, fit_critic
 from episodes import episode_path, save_episode
 from train_cmaes_in_dream import Args as CMAESArgs
 from train_cmaes_in_dream import es_state, generation_starts, new_es, restore_es
@@ -74,6 +74,55 @@ def test_dream_fitness_gives_equal_candidates_equal_scores():
     assert fitness[0] == fitness[1] == fitness[2], "common random numbers: the same seeds, the same luck"
 
 
+class ConstantCritic(torch.nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.full(obs.shape[:1], self.value)
+
+
+def test_a_critic_pays_a_cut_dream_the_discounted_value_where_it_ends():
+    """--critic: the fitness of a dream cut after 7 decisions is the discounted return plus gamma**7 V(the end);
+    a dream that terminated before the cut gets no value."""
+    model = gas_pays_world_model()
+    dream = BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 2 * 3, max_steps=7)  # 7 decisions
+    full_gas = torch.cat([torch.zeros(3, 20).flatten(), torch.tensor([0.0, 10.0, -10.0])])
+    gamma, reward = 0.9, float(np.tanh(1.0))
+    fitness = dream_fitness(dream, full_gas.expand(2, -1).contiguous(), 3, torch.arange(3).repeat(2), gamma=gamma,
+                            critic=ConstantCritic(5.0))
+    expected = reward * (1 - gamma ** 7) / (1 - gamma) + gamma ** 7 * 5.0
+    assert torch.allclose(fitness, torch.full((2,), expected), atol=1e-4)
+    with torch.no_grad():
+        model.head.bias[-1] = 20.0  # every dream ends (terminated) at its first decision
+    fitness = dream_fitness(dream, full_gas[None], 6, torch.arange(6), gamma=gamma, critic=ConstantCritic(5.0))
+    assert torch.allclose(fitness, torch.full((1,), reward), atol=1e-4)
+
+
+def test_fit_critic_learns_the_value_beyond_the_cut():
+    """Fitted again and again on 7-decision dreams that each earn tanh(1) a decision and are then cut, the critic
+    bootstraps itself to the value of the endless stream, tanh(1) / (1 - gamma), not the 7 decisions' return."""
+    torch.manual_seed(0)
+    model = gas_pays_world_model()
+    dream = BatchedDream(model, torch.randn(8, 4), torch.full((8, 4), -2.0), 64, max_steps=7)
+    full_gas = torch.cat([torch.zeros(3, 20).flatten(), torch.tensor([0.0, 10.0, -10.0])])
+    gamma = 0.8  # 7 decisions earn 79% of the stream from the first, less from the later ones
+    critic = DreamCritic(20, hidden_dim=32)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for generation in range(60):
+        trajectory = {}
+        dream_fitness(dream, full_gas[None], 64, torch.arange(64) + 64 * generation, gamma=gamma, critic=critic,
+                      trajectory=trajectory)
+        assert trajectory["obs"].shape == (8, 64, 20) and trajectory["reward"].shape == (7, 64)
+        fit_critic(critic, optimizer, trajectory, gamma, 0.95, generator, epochs=2, batch_size=64)
+    with torch.no_grad():
+        values = critic(trajectory["obs"][:-1].flatten(0, 1))
+    target = float(np.tanh(1.0)) / (1 - gamma)
+    assert abs(values.mean().item() - target) < 0.1, (values.mean().item(), target)
+
+
 def test_cmaes_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     """A resumed evolution asks exactly what the uninterrupted one asks: the state is plain numbers and tensors
     (no pickle), restored into a fresh ES, numpy's generator included."""
@@ -126,6 +175,23 @@ def test_cmaes_stage_checkpoints_and_resumes(tmp_path):
     assert third.returncode == 0, third.stderr
     assert "starting over in the current one" in third.stdout and "resuming" not in third.stdout
     assert load_checkpoint(controller_path(ckpt, "cmaes"))["generation"] == 3
+    with_critic = run_script(*common, "--generations", "4", "--critic")  # what the fitness is: one clear line
+    assert with_critic.returncode == 2 and "other critic (critic=False)" in with_critic.stderr, with_critic.stderr
+
+
+def test_cmaes_with_a_critic_checkpoints_and_resumes_it(tmp_path):
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_episode(episode_path(tmp_path / "data", "random", 0), make_episode(12, 0))
+    common = ["train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
+              "--data-dir", str(tmp_path / "data"), *smoke.TINY["train_cmaes_in_dream"], "--critic"]
+    for generations in ("1", "2"):
+        result = run_script(*common, "--generations", generations)
+        assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    latest = load_checkpoint(ckpt / "cmaes_latest.pt")
+    assert latest["generation"] == 2 and latest["metrics"]["critic_loss"] >= 0
+    assert set(latest["critic"]) >= {"obs_norm.count", "net.0.weight"} and latest["critic_optimizer"]["state"]
+    assert latest["critic"]["obs_norm.count"] > 12, "two generations of dreams went into the critic's statistics"
 
 
 def test_evaluate_writes_the_contract_json_and_repeats_itself(tmp_path):
