@@ -165,8 +165,8 @@ def dream_return(dream: BatchedDream, act: Callable[[torch.Tensor], torch.Tensor
         obs, reward, terminated, truncated = dream.step(act(obs))
         returns += discount * reward * alive
         discount *= gamma
-        if critic is not None:
-            cut = alive & truncated & ~terminated
+        cut = alive & truncated & ~terminated
+        if critic is not None and cut.any():  # (replayed dreams are all cut at their last step: one critic pass)
             returns += discount * torch.where(cut, critic(obs), 0.0)
         if trajectory is not None:
             for name, value in zip(steps, (obs, reward, terminated, alive.clone())):
