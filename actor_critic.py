@@ -6,6 +6,8 @@
 - `LinearController`: the original World Models controller, a = squash(W [z, h] + b), 867 parameters at
   the default sizes (3 x (32 + 256) + 3), evolved with CMA-ES. `population_actions` runs a whole
   CMA-ES population of such controllers as one tensor pass.
+- `DreamCritic`: V([z, h]) for `train_cmaes_in_dream.py --critic`, which pays a CMA-ES dream cut after a few
+  decisions the value of where it ends (fitted by `utils_rl.fit_critic`).
 
 A controller checkpoint's config names its kind, so `build_controller` can rebuild it.
 """
@@ -76,7 +78,7 @@ class RunningNorm(nn.Module):
         return ((x - self.mean) / torch.sqrt(self.var + 1e-8)).clamp(-self.clip, self.clip)
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
     """Two tanh hidden layers, orthogonal init (the PPO implementation details), a small last layer."""
     layers = [nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, hidden_dim), nn.Tanh(),
               nn.Linear(hidden_dim, out_dim)]
@@ -154,8 +156,8 @@ class ActorCritic(nn.Module):
             raise ValueError(f"unknown actor distribution {config.distribution!r}: choose beta or tanh_normal")
         self.config = config
         self.obs_norm = RunningNorm(config.obs_dim)
-        self.actor = mlp(config.obs_dim, config.hidden_dim, 6 if config.distribution == "beta" else 3, 0.01)
-        self.critic = mlp(config.obs_dim, config.hidden_dim, 1, 1.0)
+        self.actor = _mlp(config.obs_dim, config.hidden_dim, 6 if config.distribution == "beta" else 3, 0.01)
+        self.critic = _mlp(config.obs_dim, config.hidden_dim, 1, 1.0)
         if config.distribution == "tanh_normal":
             self.log_std = nn.Parameter(torch.full((3,), -0.5))
 
@@ -173,6 +175,19 @@ class ActorCritic(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """obs (B, obs_dim) -> deterministic env action (B, 3)."""
         return to_env_action(self.policy(obs).mode())
+
+
+class DreamCritic(nn.Module):
+    """V([z, h]) (B, obs_dim) -> (B,): the discounted dream return to go of the controllers whose dreams it was
+    fitted on (a CMA-ES population), so that a dream cut after a few decisions is still paid for where it ends."""
+
+    def __init__(self, obs_dim: int, hidden_dim: int = 256):
+        super().__init__()
+        self.obs_norm = RunningNorm(obs_dim)
+        self.net = _mlp(obs_dim, hidden_dim, 1, 1.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(self.obs_norm(obs)).squeeze(-1)
 
 
 class LinearController(nn.Module):

@@ -10,8 +10,6 @@
 - `ReplayStarts` and `ImaginedFeatureEnvs`: imagination started from the states of replayed real
   sequences, `horizon` decisions long, for PPO whose critic bootstraps the rest.
 - `dream_return`: the one dream-return loop (deterministic scores, CMA-ES fitness).
-- `DreamCritic` and `fit_critic`: a value of [z, h] learnt from a CMA-ES population's own dreams, which
-  bootstraps a fitness cut after `horizon` decisions (`train_cmaes_in_dream.py --critic`).
 """
 
 from __future__ import annotations
@@ -23,10 +21,9 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 import torch
-from torch import nn
 
 import cluster
-from actor_critic import ACTION_HIGH, ACTION_LOW, RunningNorm, mlp, population_actions
+from actor_critic import ACTION_HIGH, ACTION_LOW, DreamCritic, population_actions
 from agent import load_vae_and_world_model, load_world_model
 from episodes import encode_episodes, list_episodes, load_latent_episode
 from utils import UserError, file_sha256
@@ -191,48 +188,6 @@ def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, s
 
     returns = dream_return(dream, act, seeds, z, state, gamma, critic, trajectory)
     return returns.view(popsize, rollouts).mean(1)
-
-
-class DreamCritic(nn.Module):
-    """V([z, h]) (B, obs_dim) -> (B,): the discounted dream return to go of the controllers whose dreams it was
-    fitted on (a CMA-ES population), so that a dream cut after a few decisions is still paid for where it ends."""
-
-    def __init__(self, obs_dim: int, hidden_dim: int = 256):
-        super().__init__()
-        self.obs_norm = RunningNorm(obs_dim)
-        self.net = mlp(obs_dim, hidden_dim, 1, 1.0)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(self.obs_norm(obs)).squeeze(-1)
-
-
-def fit_critic(critic: DreamCritic, optimizer: torch.optim.Optimizer, trajectory: dict, gamma: float,
-               lam: float, generator: torch.Generator, epochs: int = 4, samples: int = 32_768,
-               batch_size: int = 1024) -> float:
-    """Regress the critic on the lambda-returns of one generation's dreams (`dream_return`'s TRAJECTORY), each
-    bootstrapped by the critic itself where the dream was cut; SAMPLES of the steps the dreams ran, drawn with
-    GENERATOR. Returns the last epoch's mean squared error."""
-    from utils_rl import gae
-
-    obs, reward, terminated, alive = (trajectory[name] for name in ("obs", "reward", "terminated", "alive"))
-    steps, envs = reward.shape
-    with torch.no_grad():
-        critic.obs_norm.update(obs[:-1][alive])
-        values = critic(obs.flatten(0, 1)).view(steps + 1, envs)
-        # a dream that terminated stops its return there (gae's done); steps after it are not trained on
-        _, target = gae(reward, values[:-1], terminated, values[-1], gamma, lam)
-    inputs, target = obs[:-1][alive], target[alive]
-    chosen = torch.randperm(len(target), generator=generator)[:samples].to(target.device)
-    inputs, target = inputs[chosen], target[chosen]
-    for _ in range(epochs):
-        losses = []
-        for first in range(0, len(target), batch_size):
-            loss = (critic(inputs[first:first + batch_size]) - target[first:first + batch_size]).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    return float(np.mean(losses))
 
 
 _cluster_worker: dict = {}  # per Ray worker process: the world model of the current population_fitness_on_cluster

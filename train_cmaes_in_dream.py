@@ -29,15 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actor_critic import ControllerConfig, LinearController
+from actor_critic import ControllerConfig, DreamCritic, LinearController
 from agent import controller_path, load_vae_and_world_model
 from dream import (
     BatchedDream,
-    DreamCritic,
     ReplayStarts,
     counter_uniform,
     dream_fitness,
-    fit_critic,
     load_replay,
     population_fitness_on_cluster,
     run_seeds,
@@ -53,7 +51,7 @@ from utils import (
     setup_stage,
     stage_checkpoint,
 )
-from utils_rl import ControllerStageArgs
+from utils_rl import ControllerStageArgs, fit_critic
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """PPO: generalized advantage estimation, the reward scaler, the clipped update, and the PPO loop shared by
-train_ppo.py (real envs, envs.RealFeatureEnvs) and train_ppo_in_dream.py (dreams, dream.py).
+train_ppo.py (real envs, envs.RealFeatureEnvs) and train_ppo_in_dream.py (dreams, dream.py); and `fit_critic`,
+the lambda-return fit of the CMA-ES critic (train_cmaes_in_dream.py --critic).
 """
 
 from __future__ import annotations
@@ -48,6 +49,33 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_v
         advantages[t] = running
         next_value = values[t]
     return advantages, advantages + values
+
+
+def fit_critic(critic: nn.Module, optimizer: torch.optim.Optimizer, trajectory: dict, gamma: float,
+               lam: float, generator: torch.Generator, epochs: int = 4, samples: int = 32_768,
+               batch_size: int = 1024) -> float:
+    """Regress the critic on the lambda-returns of one generation's dreams (`dream.dream_return`'s TRAJECTORY), each
+    bootstrapped by the critic itself where the dream was cut; SAMPLES of the steps the dreams ran, drawn with
+    GENERATOR. Returns the last epoch's mean squared error."""
+    obs, reward, terminated, alive = (trajectory[name] for name in ("obs", "reward", "terminated", "alive"))
+    steps, envs = reward.shape
+    with torch.no_grad():
+        critic.obs_norm.update(obs[:-1][alive])
+        values = critic(obs.flatten(0, 1)).view(steps + 1, envs)
+        # a dream that terminated stops its return there (gae's done); steps after it are not trained on
+        _, target = gae(reward, values[:-1], terminated, values[-1], gamma, lam)
+    inputs, target = obs[:-1][alive], target[alive]
+    chosen = torch.randperm(len(target), generator=generator)[:samples].to(target.device)
+    inputs, target = inputs[chosen], target[chosen]
+    for _ in range(epochs):
+        losses = []
+        for first in range(0, len(target), batch_size):
+            loss = (critic(inputs[first:first + batch_size]) - target[first:first + batch_size]).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return float(np.mean(losses))
 
 
 class RewardScaler:

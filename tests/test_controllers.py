@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import smoke
-from actor_critic import ControllerConfig, LinearController, population_actions, squash
+from actor_critic import ControllerConfig, DreamCritic, LinearController, population_actions, squash
 from agent import controller_path, load_agent
 from conftest import make_checkpoint_dir, make_episode, run_script, save_linear_controller
-from dream import BatchedDream, DreamCritic, ReplayStarts, dream_fitness, fit_critic
+from dream import BatchedDream, ReplayStarts, dream_fitness
 from episodes import episode_path, save_episode
 from train_cmaes_in_dream import Args as CMAESArgs
 from train_cmaes_in_dream import es_state, generation_starts, new_es, restore_es
 from utils import UserError, load_checkpoint, save_checkpoint
+from utils_rl import fit_critic
 from world_model import WorldModelConfig, build_world_model
 
 
