@@ -1,10 +1,11 @@
 """Evolve the original linear controller with CMA-ES entirely inside the dream.
 
 Reads:  CKPT_DIR/vae.pt and world_model.pt; with --replay, DATA_DIR's episodes (their latents, cached per VAE).
-Writes: CKPT_DIR/controller_cmaes.pt (the CMA-ES mean after each generation, with the identities of
-        the VAE and world model it was evolved in), CKPT_DIR/cmaes_latest.pt (the evolution state and
-        the --critic's weights: re-running resumes), TensorBoard logs under LOG_DIR/cmaes-<time>/ (dream
-        fitness best / mean per generation, and the real-env score of the mean every EVAL_EVERY generations).
+Writes: CKPT_DIR/controller_cmaes.pt (the CMA-ES mean, or the mean of the --evolutions' means, after each
+        generation, with the identities of the VAE and world model it was evolved in), CKPT_DIR/cmaes_latest.pt
+        (the evolution states and the --critic's weights: re-running resumes), TensorBoard logs under
+        LOG_DIR/cmaes-<time>/ (dream fitness best / mean per generation, and the real-env score of the
+        controller every EVAL_EVERY generations).
 
 Each generation the population's POPSIZE x ROLLOUTS dreams run as one BatchedDream: one tensor pass
 per step for every candidate. All candidates of a generation dream on the same seeds (common random
@@ -14,6 +15,9 @@ run whole episodes, or with --replay from the states of replayed real decisions 
 With --critic the fitness is the discounted return (GAMMA) plus the discounted value of where each cut dream
 ends, from a critic (an MLP on [z, h]) fitted after every generation on the lambda-returns of that
 generation's dreams; it rides in cmaes_latest.pt, so a resumed run goes on with it.
+With --evolutions K, K independent evolutions (seeds SEED .. SEED + K - 1, each asking and dreaming exactly what
+the run alone with its --seed would) advance side by side in one BatchedDream, and the controller is the mean of
+their K means: still one linear controller, with less of any one evolution's luck in it.
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ class Args(ControllerStageArgs):
     """discount of the fitness and the critic's returns, with --critic"""
     critic_lambda: float = 0.95
     """lambda of the critic's targets, with --critic"""
+    evolutions: int = 1
+    """independent evolutions side by side (seeds SEED .. SEED + EVOLUTIONS - 1); the controller is the mean of their
+    means (one linear controller)"""
     data_dir: Path = Path("data")
     """real episodes whose states start the dreams with --replay (DATA_DIR/rollouts/*/)"""
 
@@ -152,9 +159,33 @@ def restore_es(es: cma.CMAEvolutionStrategy, state: dict) -> cma.CMAEvolutionStr
     return es
 
 
-def new_es(num_params: int, args: Args) -> cma.CMAEvolutionStrategy:
+def new_es(num_params: int, args: Args, seed: int | None = None) -> cma.CMAEvolutionStrategy:
+    seed = args.seed if seed is None else seed
     return cma.CMAEvolutionStrategy(np.zeros(num_params), args.sigma0,
-                                    {"popsize": args.popsize, "seed": args.seed + 1, "verbose": -9})
+                                    {"popsize": args.popsize, "seed": seed + 1, "verbose": -9})
+
+
+class Evolution:
+    """One CMA-ES with a numpy generator of its own: cma samples from numpy's global one, so each evolution's is
+    swapped in around its ask and tell, and several evolutions side by side each ask what it would alone."""
+
+    def __init__(self, es: cma.CMAEvolutionStrategy):
+        self.es, self.numpy_state = es, np.random.get_state()  # as new_es or restore_es left it
+
+    def _swapped(self, call):
+        np.random.set_state(self.numpy_state)
+        result = call()
+        self.numpy_state = np.random.get_state()
+        return result
+
+    def ask(self) -> np.ndarray:
+        return np.array(self._swapped(self.es.ask))
+
+    def tell(self, solutions: np.ndarray, fitness: np.ndarray) -> None:
+        self._swapped(lambda: self.es.tell(list(solutions), list(-fitness)))  # cma minimises
+
+    def state(self) -> dict:
+        return self._swapped(lambda: es_state(self.es))
 
 
 def generation_seeds(run_seed: int, generation: int, popsize: int, rollouts: int) -> torch.Tensor:
@@ -165,13 +196,16 @@ def generation_seeds(run_seed: int, generation: int, popsize: int, rollouts: int
 
 def main(args: Args) -> None:
     device = setup_stage(args)
-    if min(args.generations, args.popsize, args.rollouts, args.max_steps) < 1 or args.popsize < 2:
-        raise UserError("--generations, --rollouts and --max-steps must be at least 1, --popsize at least 2")
+    if min(args.generations, args.popsize, args.rollouts, args.max_steps, args.evolutions) < 1 or args.popsize < 2:
+        raise UserError("--generations, --rollouts, --max-steps and --evolutions must be at least 1, "
+                        "--popsize at least 2")
     vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
     if args.horizon < 1 or not args.critical_weight > 0:
         raise UserError("--horizon must be at least 1 and --critical-weight positive")
     if args.critic and args.ray_address:
         raise UserError("--critic is fitted in this process: run it without --ray-address")
+    if args.critic and args.evolutions > 1:
+        raise UserError("--critic is fitted on one evolution's dreams: run it with --evolutions 1")
     if not (0 < args.gamma <= 1 and 0 <= args.critic_lambda <= 1):
         raise UserError("--gamma must be in (0, 1] and --critic-lambda in [0, 1]")
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
@@ -181,7 +215,7 @@ def main(args: Args) -> None:
     controller = LinearController(config)
     latest_path, out_path = args.ckpt_dir / "cmaes_latest.pt", controller_path(args.ckpt_dir, "cmaes")
 
-    es, start_gen, best_fitness = None, 0, -math.inf
+    evolutions, start_gen, best_fitness = None, 0, -math.inf
     critic = DreamCritic(config.obs_dim).to(device) if args.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=3e-4) if critic is not None else None
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -189,17 +223,20 @@ def main(args: Args) -> None:
                                               config, "train_cmaes_in_dream.py")
     if checkpoint:
         # (runs from before --critical-weight drew uniformly, from before --critic had none)
-        saved = {"critical_weight": 1.0, "critic": False, "gamma": 0.99, "critic_lambda": 0.95} | checkpoint["args"]
+        saved = ({"critical_weight": 1.0, "critic": False, "gamma": 0.99, "critic_lambda": 0.95, "evolutions": 1}
+                 | checkpoint["args"])
         changed = [name for name in ("popsize", "sigma0", "seed", "rollouts", "temperature", "max_steps", "replay",
-                                     "horizon", "critical_weight", "critic", "gamma", "critic_lambda")
+                                     "horizon", "critical_weight", "critic", "gamma", "critic_lambda", "evolutions")
                    if saved.get(name) != getattr(args, name)]  # what the fitness depends on
         if changed:
             raise UserError(f"{latest_path} was evolved with other {', '.join(changed)} "
                             f"({', '.join(f'{name}={saved.get(name)}' for name in changed)}): use the same or --fresh")
-        if "es_state" not in checkpoint:
+        states = checkpoint.get("es_states") or ([checkpoint["es_state"]] if "es_state" in checkpoint else None)
+        if states is None:
             raise UserError(f"{latest_path} holds its evolution state in a form this version no longer reads "
                             "(a pickle): re-run with --fresh")
-        es = restore_es(new_es(LinearController.num_params(config.obs_dim), args), checkpoint["es_state"])
+        evolutions = [Evolution(restore_es(new_es(LinearController.num_params(config.obs_dim), args, args.seed + k),
+                                           state)) for k, state in enumerate(states)]
         if critic is not None:
             critic.load_state_dict(checkpoint["critic"])
             critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
@@ -209,8 +246,10 @@ def main(args: Args) -> None:
     if start_gen >= args.generations:
         print(f"{latest_path} has already evolved {start_gen} generations; nothing to do")
         return
-    if es is None:
-        es = new_es(LinearController.num_params(config.obs_dim), args)
+    if evolutions is None:
+        evolutions = [Evolution(new_es(LinearController.num_params(config.obs_dim), args, args.seed + k))
+                      for k in range(args.evolutions)]
+    seeds_of_evolutions = [args.seed + k for k in range(args.evolutions)]
 
     bank, starts = wm_checkpoint["start_bank"], None
     dream_frames = args.max_steps
@@ -220,9 +259,11 @@ def main(args: Args) -> None:
         dream_frames = min(args.max_steps, args.horizon * world_model.config.action_repeat)
         print(f"dreams from {len(starts):,} replayed real states of {len(episodes)} episodes, "
               f"{args.horizon} decisions each")
-    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], args.popsize * args.rollouts, args.temperature,
-                         dream_frames, device)
-    print(f"CMA-ES: {es.N} parameters, population {args.popsize} x {args.rollouts} dreams of up to {dream_frames} "
+    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], args.evolutions * args.popsize * args.rollouts,
+                         args.temperature, dream_frames, device)
+    print(f"CMA-ES: {evolutions[0].es.N} parameters, "
+          f"{f'{args.evolutions} evolutions of ' if args.evolutions > 1 else ''}"
+          f"population {args.popsize} x {args.rollouts} dreams of up to {dream_frames} "
           f"frames ({dream.max_steps} decisions of {dream.action_repeat}) at temperature {args.temperature} "
           f"on {device}; logs in {log_dir}")
     from torch.utils.tensorboard import SummaryWriter
@@ -233,15 +274,24 @@ def main(args: Args) -> None:
                initial=start_gen, total=args.generations)
     for generation in bar:
         gen_start = time.perf_counter()
-        solutions = np.array(es.ask())
-        seeds = generation_seeds(args.seed, generation, args.popsize, args.rollouts)
-        z, state = (generation_starts(starts, args.seed, generation, args.popsize, args.rollouts)
-                    if starts is not None else (None, None))
-        if args.ray_address:  # the population spread over the cluster's CPUs, the same fitness
-            base = slice(0, args.rollouts)  # rollout r of every candidate shares its seed and start: ship one set
-            fitness = population_fitness_on_cluster(
-                args.ray_address, args.ckpt_dir / "world_model.pt", solutions, args.rollouts, seeds[base],
-                args.temperature, dream_frames, *((z[base], state[base]) if z is not None else ()))
+        # evolution k's candidates, seeds and starts are those of the run alone with --seed SEED + k, stacked
+        solutions = np.concatenate([evolution.ask() for evolution in evolutions])  # (K * P, n)
+        seeds = torch.cat([generation_seeds(seed, generation, args.popsize, args.rollouts)
+                           for seed in seeds_of_evolutions])  # (K * P * R,)
+        z, state = None, None
+        if starts is not None:
+            z, state = map(torch.cat, zip(*[generation_starts(starts, seed, generation, args.popsize, args.rollouts)
+                                            for seed in seeds_of_evolutions]))
+        if args.ray_address:  # each evolution's population spread over the cluster's CPUs, the same fitness
+            fitness = []
+            for k in range(args.evolutions):
+                # rollout r of every candidate of an evolution shares its seed and start: ship one set
+                base = slice(k * args.popsize * args.rollouts, k * args.popsize * args.rollouts + args.rollouts)
+                fitness.append(population_fitness_on_cluster(
+                    args.ray_address, args.ckpt_dir / "world_model.pt",
+                    solutions[k * args.popsize:(k + 1) * args.popsize], args.rollouts, seeds[base],
+                    args.temperature, dream_frames, *((z[base], state[base]) if z is not None else ())))
+            fitness = np.concatenate(fitness)
         else:
             trajectory = {} if critic is not None else None
             fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device),
@@ -250,12 +300,15 @@ def main(args: Args) -> None:
         if not np.isfinite(fitness).all():
             raise UserError(f"dream fitness became non-finite at generation {generation + 1}; "
                             f"the last good checkpoint is {latest_path}")
-        es.tell(list(solutions), list(-fitness))  # cma minimises
+        for k, evolution in enumerate(evolutions):
+            part = slice(k * args.popsize, (k + 1) * args.popsize)
+            evolution.tell(solutions[part], fitness[part])
         best_fitness = max(best_fitness, float(fitness.max()))
         seconds = time.perf_counter() - gen_start
+        sigma = float(np.mean([evolution.es.sigma for evolution in evolutions]))
         metrics = {"fitness_best": float(fitness.max()), "fitness_mean": float(fitness.mean()),
-                   "sigma": float(es.sigma), "seconds": seconds}
-        extras = {"es_state": es_state(es)}
+                   "sigma": sigma, "seconds": seconds}
+        extras = {"es_states": [evolution.state() for evolution in evolutions]}
         if critic is not None:  # fitted after the fitness, so every candidate of a generation met the same critic
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + generation)
             metrics["critic_loss"] = fit_critic(critic, critic_optimizer, trajectory, args.gamma, args.critic_lambda,
@@ -264,7 +317,8 @@ def main(args: Args) -> None:
         for name, value in metrics.items():
             writer.add_scalar(f"cmaes/{name}", value, generation + 1)
 
-        controller.set_flat(torch.as_tensor(es.mean, dtype=torch.float32))
+        mean = np.mean([evolution.es.mean for evolution in evolutions], axis=0)  # of the means: one linear controller
+        controller.set_flat(torch.as_tensor(mean, dtype=torch.float32))
         checkpoint = stage_checkpoint(config, controller, args, log_dir, generation=generation + 1, metrics=metrics,
                                       best_fitness=best_fitness, **identities)
         save_stage(out_path, latest_path, checkpoint, extras)
@@ -274,10 +328,11 @@ def main(args: Args) -> None:
             writer.add_scalar("real/mean_return", real["mean"], generation + 1)
             bar.write(f"generation {generation + 1}: real env {real['mean']:.1f} ± {real['std']:.1f} over "
                       f"{args.eval_episodes} tracks (dream best {fitness.max():.1f}, mean {fitness.mean():.1f})")
-        bar.set_postfix(best=f"{fitness.max():.1f}", mean=f"{fitness.mean():.1f}", sigma=f"{es.sigma:.3f}",
+        bar.set_postfix(best=f"{fitness.max():.1f}", mean=f"{fitness.mean():.1f}", sigma=f"{sigma:.3f}",
                         s_gen=f"{seconds:.1f}", refresh=False)
     writer.close()
-    print(f"controller (CMA-ES mean) in {out_path}; best dream fitness {best_fitness:.1f}")
+    print(f"controller (CMA-ES mean{' of the evolutions' if args.evolutions > 1 else ''}) in {out_path}; "
+          f"best dream fitness {best_fitness:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import cma
 import numpy as np
@@ -193,6 +194,41 @@ def test_cmaes_with_a_critic_checkpoints_and_resumes_it(tmp_path):
     assert latest["generation"] == 2 and latest["metrics"]["critic_loss"] >= 0
     assert set(latest["critic"]) >= {"obs_norm.count", "net.0.weight"} and latest["critic_optimizer"]["state"]
     assert latest["critic"]["obs_norm.count"] > 12, "two generations of dreams went into the critic's statistics"
+
+
+def test_cmaes_evolutions_side_by_side_are_the_runs_alone_averaged(tmp_path):
+    """--evolutions 2 --seed 3, killed after a generation and resumed: evolution k asks and dreams what the run
+    alone with --seed 3 + k does, so the controller is the mean of those two runs' controllers (cma's sampling
+    from numpy's global generator kept apart per evolution). A changed count, or a critic, is one line."""
+    base = make_checkpoint_dir(tmp_path)
+    for seed in range(2):
+        save_episode(episode_path(tmp_path / "data", "random", seed), make_episode(12, seed))
+
+    def run(name: str, *flags: str):
+        ckpt = tmp_path / name
+        if not ckpt.exists():
+            shutil.copytree(base, ckpt)
+        result = run_script("train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
+                            "--data-dir", str(tmp_path / "data"), *smoke.TINY["train_cmaes_in_dream"], *flags)
+        return result, ckpt
+
+    alone = []
+    for seed in ("3", "4"):
+        result, ckpt = run(f"seed{seed}", "--seed", seed)
+        assert result.returncode == 0, result.stderr
+        alone.append(load_checkpoint(controller_path(ckpt, "cmaes"))["state_dict"])
+    first, ckpt = run("both", "--seed", "3", "--evolutions", "2", "--generations", "1")
+    assert first.returncode == 0 and "2 evolutions of population 4" in first.stdout, first.stderr
+    resumed, ckpt = run("both", "--seed", "3", "--evolutions", "2")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+    together = load_checkpoint(controller_path(ckpt, "cmaes"))
+    assert together["generation"] == 2 and len(load_checkpoint(ckpt / "cmaes_latest.pt")["es_states"]) == 2
+    for key, value in together["state_dict"].items():
+        torch.testing.assert_close(value, (alone[0][key] + alone[1][key]) / 2, rtol=1e-5, atol=1e-6)
+    changed, _ = run("both", "--seed", "3", "--evolutions", "3", "--generations", "3")
+    assert changed.returncode == 2 and "other evolutions (evolutions=2)" in changed.stderr, changed.stderr
+    critic, _ = run("critic", "--evolutions", "2", "--critic")
+    assert critic.returncode == 2 and "--evolutions 1" in critic.stderr and "Traceback" not in critic.stderr
 
 
 def test_evaluate_writes_the_contract_json_and_repeats_itself(tmp_path):
