@@ -197,7 +197,7 @@ def test_cmaes_with_a_critic_checkpoints_and_resumes_it(tmp_path):
 
 
 def test_cmaes_evolutions_side_by_side_are_the_runs_alone_averaged(tmp_path):
-    """--evolutions 2 --seed 3, killed after a generation and resumed: evolution k asks and dreams what the run
+    """--evolutions 2 --seed 3, stopped after a generation and resumed: evolution k asks and dreams what the run
     alone with --seed 3 + k does, so the controller is the mean of those two runs' controllers (cma's sampling
     from numpy's global generator kept apart per evolution). A changed count, or a critic, is one line."""
     base = make_checkpoint_dir(tmp_path)
