@@ -193,37 +193,48 @@ def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, s
 _cluster_worker: dict = {}  # per Ray worker process: the world model of the current population_fitness_on_cluster
 
 
-def _fitness_task(shared: dict, chunk: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
-    """A Ray task (cluster_map): dream_fitness of a slice of the population, candidates FIRST.. of the
-    generation, on the generation's seeds and starts (the same for every candidate, as on one machine)."""
-    first, solutions = chunk
+def _fitness_task(shared: dict, chunk: tuple[int, int, np.ndarray]) -> tuple[int, np.ndarray]:
+    """A Ray task (cluster_map): dream_fitness of a slice of one group's candidates, FIRST.. of the generation, on
+    that group's seeds and starts (the same for every candidate of the group, as on one machine)."""
+    first, group, solutions = chunk
     if _cluster_worker.get("key") != shared["key"]:
         cluster.worker_threads()
         world_model, checkpoint = load_world_model(cluster.local_copy(shared["files"]) / "world_model.pt")
         _cluster_worker.update(key=shared["key"], model=world_model, bank=checkpoint["start_bank"])
-    popsize, bank = len(solutions), _cluster_worker["bank"]
-    dream = BatchedDream(_cluster_worker["model"], bank["mu"], bank["logvar"], popsize * shared["rollouts"],
+    popsize, bank, rollouts = len(solutions), _cluster_worker["bank"], shared["rollouts"]
+    dream = BatchedDream(_cluster_worker["model"], bank["mu"], bank["logvar"], popsize * rollouts,
                          shared["temperature"], shared["max_frames"])
-    z, state = ((shared["z"].repeat(popsize, 1), shared["state"].repeat(popsize, 1)) if shared["z"] is not None
-                else (None, None))
-    fitness = dream_fitness(dream, torch.as_tensor(solutions), shared["rollouts"], shared["seeds"].repeat(popsize), z,
+    ours = slice(group * rollouts, (group + 1) * rollouts)
+    z, state = ((shared["z"][ours].repeat(popsize, 1), shared["state"][ours].repeat(popsize, 1))
+                if shared["z"] is not None else (None, None))
+    fitness = dream_fitness(dream, torch.as_tensor(solutions), rollouts, shared["seeds"][ours].repeat(popsize), z,
                             state)
     return first, fitness.numpy()
 
 
 def population_fitness_on_cluster(address: str, world_model_path: Path, solutions: np.ndarray, rollouts: int,
                                   seeds: torch.Tensor, temperature: float, max_frames: int,
-                                  z: torch.Tensor | None = None, state: torch.Tensor | None = None) -> np.ndarray:
-    """dream_fitness of a CMA-ES population spread over a Ray cluster: one slice of candidates per CPU, the world
-    model file shipped once per call (a generation), each slice dreaming on the same ROLLOUTS seeds (R,) and
-    starts (R, ...) that every candidate shares. solutions (P, n) -> fitness (P,), as dream_fitness gives."""
+                                  z: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                                  groups: int = 1) -> np.ndarray:
+    """dream_fitness of CMA-ES populations spread over a Ray cluster: slices of candidates over the CPUs, the world
+    model file shipped once per call (a generation). The G = GROUPS populations (G independent evolutions) are
+    stacked: solutions (G * P, n), group g's candidates g * P .. (g + 1) * P - 1 all dreaming on its ROLLOUTS seeds
+    seeds[g * R:(g + 1) * R] and starts z, state (G * R, ...). -> fitness (G * P,), as dream_fitness gives for
+    each group."""
+    if len(solutions) % groups or len(seeds) != groups * rollouts:
+        raise ValueError(f"{len(solutions)} candidates and {len(seeds)} seeds do not make {groups} groups "
+                         f"of {rollouts} rollouts")
     cluster.connect(address)
-    slices = np.array_split(np.arange(len(solutions)), min(len(solutions), cluster.cluster_cpus()))
+    popsize = len(solutions) // groups
     files = cluster.ship_files([world_model_path])
     shared = {"key": cluster.content_key(files), "files": files, "rollouts": rollouts, "seeds": seeds.cpu(),
               "temperature": temperature, "max_frames": max_frames,
               "z": None if z is None else z.cpu(), "state": None if state is None else state.cpu()}
-    chunks = [(int(part[0]), np.asarray(solutions[part], np.float32)) for part in slices if len(part)]
+    chunks = []  # one slice per CPU, cut again where it crosses from one group into the next
+    for part in np.array_split(np.arange(len(solutions)), min(len(solutions), cluster.cluster_cpus())):
+        for group in np.unique(part // popsize):
+            ours = part[part // popsize == group]
+            chunks.append((int(ours[0]), int(group), np.asarray(solutions[ours], np.float32)))
     fitness = np.zeros(len(solutions), np.float32)
     for _, (first, values) in cluster.cluster_map(address, _fitness_task, shared, chunks):
         fitness[first:first + len(values)] = values

@@ -282,16 +282,14 @@ def main(args: Args) -> None:
         if starts is not None:
             z, state = map(torch.cat, zip(*[generation_starts(starts, seed, generation, args.popsize, args.rollouts)
                                             for seed in seeds_of_evolutions]))
-        if args.ray_address:  # each evolution's population spread over the cluster's CPUs, the same fitness
-            fitness = []
-            for k in range(args.evolutions):
-                # rollout r of every candidate of an evolution shares its seed and start: ship one set
-                base = slice(k * args.popsize * args.rollouts, k * args.popsize * args.rollouts + args.rollouts)
-                fitness.append(population_fitness_on_cluster(
-                    args.ray_address, args.ckpt_dir / "world_model.pt",
-                    solutions[k * args.popsize:(k + 1) * args.popsize], args.rollouts, seeds[base],
-                    args.temperature, dream_frames, *((z[base], state[base]) if z is not None else ())))
-            fitness = np.concatenate(fitness)
+        if args.ray_address:  # every evolution's population spread over the cluster's CPUs in one call
+            # rollout r of every candidate of an evolution shares its seed and start: ship one set per evolution
+            firsts = torch.cat([torch.arange(args.rollouts) + k * args.popsize * args.rollouts
+                                for k in range(args.evolutions)])  # (K * R,)
+            fitness = population_fitness_on_cluster(
+                args.ray_address, args.ckpt_dir / "world_model.pt", solutions, args.rollouts, seeds[firsts],
+                args.temperature, dream_frames, *((z[firsts], state[firsts]) if z is not None else ()),
+                groups=args.evolutions)
         else:
             trajectory = {} if critic is not None else None
             fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device),

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import cluster
-from conftest import make_checkpoint_dir, run_script, save_linear_controller
-from episodes import EPISODE_KEYS, episode_path, list_episodes, load_episode
+import smoke
+from conftest import make_checkpoint_dir, make_episode, run_script, save_linear_controller
+from episodes import EPISODE_KEYS, episode_path, list_episodes, load_episode, save_episode
 from rollouts import collect_episodes, evaluate_agent, play_episodes
-from utils import UserError
+from utils import UserError, load_checkpoint
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="the cluster tests need requirements-cluster.txt")
 
@@ -99,6 +100,36 @@ def test_cluster_evaluation_and_cmaes_fitness_match_one_machine(two_nodes, tmp_p
     fitness = population_fitness_on_cluster(head.address, ckpt / "world_model.pt", solutions.numpy(), rollouts, seeds,
                                             1.0, 80)
     np.testing.assert_allclose(fitness, expected, rtol=1e-5, atol=1e-4)
+
+    # two evolutions' populations of 3 in one call (--evolutions 2), each on its own seeds: as each alone
+    seeds_of_groups = torch.arange(2 * rollouts) + 200
+    half = BatchedDream(world_model, bank["mu"], bank["logvar"], popsize // 2 * rollouts, 1.0, 80)
+    expected = np.concatenate([dream_fitness(half, solutions[g * 3:(g + 1) * 3], rollouts,
+                                             seeds_of_groups[g * rollouts:(g + 1) * rollouts].repeat(3)).numpy()
+                               for g in range(2)])
+    fitness = population_fitness_on_cluster(head.address, ckpt / "world_model.pt", solutions.numpy(), rollouts,
+                                            seeds_of_groups, 1.0, 80, groups=2)
+    np.testing.assert_allclose(fitness, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_cmaes_evolutions_on_the_cluster_evolve_what_one_machine_does(two_nodes, tmp_path):
+    """train_cmaes_in_dream.py --evolutions 2 from replayed starts, its populations dreamt on the two nodes in one
+    call a generation: the same controller as the run on this machine."""
+    from agent import controller_path
+
+    head, _ = two_nodes
+    for seed in range(2):  # real episodes whose states start the dreams
+        save_episode(episode_path(tmp_path / "data", "random", seed), make_episode(12, seed))
+    controllers = []
+    for where, extra in (("local", []), ("ray", ["--ray-address", head.address])):
+        ckpt = make_checkpoint_dir(tmp_path / where)
+        result = run_script("train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
+                            "--data-dir", str(tmp_path / "data"), *smoke.TINY["train_cmaes_in_dream"],
+                            "--evolutions", "2", *extra)
+        assert result.returncode == 0, result.stderr
+        controllers.append(load_checkpoint(controller_path(ckpt, "cmaes"))["state_dict"])
+    for name in controllers[0]:
+        torch.testing.assert_close(controllers[1][name], controllers[0][name], rtol=1e-5, atol=1e-5)
 
 
 def test_a_cluster_that_cannot_run_the_project_is_one_line(two_nodes, tmp_path, monkeypatch):
