@@ -106,6 +106,12 @@ class Args:
     reward_overshoot_weight: float = 4.0
     """> 1: the world model's reward loss punishes predicting more than was earned (a dream that is not
     optimistic off the road); train_world_model.py's flag"""
+    reward_overshoot_where: Literal["all", "no-tile"] = "all"
+    """where that weight applies: every decision, or only those that earned no new tile (pessimistic where the road
+    may be lost, yet a fast decision's second tile is paid); train_world_model.py's flag"""
+    reward_huber_delta: float = 1.0
+    """the reward loss is squared within this of the target, linear beyond (4: about the mean over tile counts);
+    train_world_model.py's flag"""
     updates_per_round: int = 60
     """PPO updates in imagination per round"""
     num_envs: int = 1024
@@ -235,7 +241,8 @@ def train_member(args: Args, round_index: int, index: int, wm_weight: float) -> 
     train_world_model.main(train_world_model.Args(
         data_dir=args.data_dir, ckpt_dir=directory, log_dir=args.log_dir, arch=args.arch,
         epochs=args.wm_epochs + args.wm_epochs_per_round * round_index, action_repeat=args.action_repeat,
-        reward_overshoot_weight=args.reward_overshoot_weight, latent=args.latent,
+        reward_overshoot_weight=args.reward_overshoot_weight, reward_overshoot_where=args.reward_overshoot_where,
+        reward_huber_delta=args.reward_huber_delta, latent=args.latent,
         critical_weight=wm_weight, seed=seed, collect=False, device=args.device))
     lone = args.members == 1
     return train_ppo_in_dream.main(train_ppo_in_dream.Args(

@@ -72,6 +72,12 @@ class Args(StageArgs):
     """Gaussians per z dimension (mdn only)"""
     reward_overshoot_weight: float = 1.0
     """> 1 punishes predicting more reward than was received more than predicting less"""
+    reward_overshoot_where: Literal["all", "no-tile"] = "all"
+    """where that weight applies: every decision, or only those that earned no new tile (the dream is then
+    pessimistic where the road may be lost, yet pays a fast decision's second tile in full)"""
+    reward_huber_delta: float = 1.0
+    """the reward loss is squared within this of the target, linear beyond (1: about the median; 4: about the
+    mean over a decision's tile counts, still robust to -100 for leaving the playfield)"""
     done_pos_weight: float = 10.0
     """weight of the rare done=1 steps in the done loss"""
     grad_clip: float = 1.0
@@ -141,7 +147,8 @@ def model_loss(model: RecurrentWorldModel, batch: dict, args: Args, sample: bool
     z = batch["mu"] + torch.exp(0.5 * batch["logvar"]) * torch.randn_like(batch["mu"]) if sample else batch["mu"]
     pred, _ = model(z[:, :-1], batch["action"][:, :-1])
     losses = model.loss(pred, z[:, 1:], batch["reward"], batch["terminated"], batch["step_mask"], batch["z_mask"],
-                        args.reward_overshoot_weight, args.done_pos_weight)
+                        args.reward_overshoot_weight, args.done_pos_weight, args.reward_overshoot_where,
+                        args.reward_huber_delta)
     return pred, losses
 
 
@@ -214,9 +221,10 @@ def dream_grid(vae, model: RecurrentWorldModel, episode_path: Path, start_bank: 
 
 def main(args: Args) -> None:
     device = setup_stage(args)
-    if args.epochs < 1 or args.batch_size < 1 or args.seq_len < 2 or not args.critical_weight > 0:
-        raise UserError("--epochs and --batch-size must be at least 1, --seq-len at least 2, --critical-weight "
-                        "positive")
+    if (args.epochs < 1 or args.batch_size < 1 or args.seq_len < 2 or not args.critical_weight > 0
+            or not args.reward_huber_delta > 0):
+        raise UserError("--epochs and --batch-size must be at least 1, --seq-len at least 2, --critical-weight and "
+                        "--reward-huber-delta positive")
     vae_path = args.ckpt_dir / "vae.pt"
     vae, _ = load_vae(vae_path, device)
     vae_id = checkpoint_identity(vae_path)

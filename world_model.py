@@ -123,15 +123,26 @@ class RecurrentWorldModel(nn.Module):
 
     def loss(self, pred: Prediction, z_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor,
              step_mask: torch.Tensor, z_mask: torch.Tensor, reward_overshoot_weight: float = 1.0,
-             done_pos_weight: float = 10.0) -> dict[str, torch.Tensor]:
+             done_pos_weight: float = 10.0, reward_overshoot_where: str = "all",
+             reward_huber_delta: float = 1.0) -> dict[str, torch.Tensor]:
         """Masked mean losses over (B, T): next-z NLL per dim, reward Huber, done BCE; `loss` is their sum.
 
         `reward_overshoot_weight` > 1 punishes predicting more reward than was received more than
-        predicting less. `z_mask` drops the last step of each episode, which has no next frame.
+        predicting less: on every step (`reward_overshoot_where` "all"), or only on steps that earned no new
+        tile (reward < 0: grass, visited road; "no-tile"), so that the model is pessimistic where the road may be
+        lost without paying less for the second tile of a fast decision. The reward Huber loss is squared within
+        `reward_huber_delta` of the target (1 and below: about the median; a few tiles' worth: about the mean) and
+        linear beyond (-100 for leaving the playfield does not swamp it). `z_mask` drops the last step of each
+        episode, which has no next frame.
         """
+        if reward_overshoot_where not in ("all", "no-tile"):
+            raise ValueError(f"reward_overshoot_where must be all or no-tile, not {reward_overshoot_where!r}")
         z_nll = -(self.z_log_prob(pred, z_next).mean(-1) * z_mask).sum() / z_mask.sum().clamp(min=1)
-        reward_error = F.smooth_l1_loss(pred.reward, reward, reduction="none")
-        overshoot = torch.where(pred.reward > reward, reward_overshoot_weight, 1.0)
+        reward_error = F.huber_loss(pred.reward, reward, reduction="none", delta=reward_huber_delta)
+        overshot = pred.reward > reward
+        if reward_overshoot_where == "no-tile":
+            overshot = overshot & (reward < 0)
+        overshoot = torch.where(overshot, reward_overshoot_weight, 1.0)
         steps = step_mask.sum().clamp(min=1)
         reward_loss = (reward_error * overshoot * step_mask).sum() / steps
         done_loss = (F.binary_cross_entropy_with_logits(

@@ -67,6 +67,28 @@ def test_reward_overshoot_weight_punishes_overshooting_more():
     assert below.item() == pytest.approx(4 * above.item())  # target below prediction = overshoot
 
 
+def test_reward_overshoot_where_no_tile_weighs_only_decisions_that_earned_nothing():
+    """With "no-tile", a prediction of 3 against a decision that earned no tile (-0.4) is punished 4x, but against
+    one that earned a tile an overshoot (target 1) weighs as an undershoot (target 5): speed is paid in full."""
+    model = build_world_model(WorldModelConfig(arch="gru", **TINY))
+    pred, _ = model(torch.randn(1, 1, 4), torch.rand(1, 1, 3))
+    pred = pred._replace(reward=torch.full((1, 1), 3.0))
+    ones, z = torch.ones(1, 1), torch.randn(1, 1, 4)
+
+    def reward_loss(target: float, weight: float = 4, **kwargs) -> float:
+        return model.loss(pred, z, torch.full((1, 1), target), ones * 0, ones, ones, reward_overshoot_weight=weight,
+                          **kwargs)["reward"].item()
+    no_tile = {"reward_overshoot_where": "no-tile"}
+    assert reward_loss(-0.4, **no_tile) == pytest.approx(4 * reward_loss(-0.4, weight=1))
+    assert reward_loss(1.0, **no_tile) == pytest.approx(reward_loss(5.0, **no_tile))
+    assert reward_loss(1.0) == pytest.approx(4 * reward_loss(5.0))  # "all": every overshoot weighs 4
+    # delta 4: an error of 2 tiles' worth (3) is squared (the mean), an error of 100 linear (robust)
+    assert reward_loss(6.0, reward_huber_delta=4) == pytest.approx(0.5 * 3 ** 2)
+    assert reward_loss(103.0, reward_huber_delta=4) == pytest.approx(4 * (100 - 2))
+    with pytest.raises(ValueError, match="no-tile"):
+        reward_loss(0.0, reward_overshoot_where="grass")
+
+
 def test_temperature_changes_the_spread_of_samples():
     torch.manual_seed(2)
     model = build_world_model(WorldModelConfig(arch="mdn", **TINY))
