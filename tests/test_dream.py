@@ -256,6 +256,22 @@ def test_the_calibrated_world_model_weight_follows_the_dream_s_rate_of_losing_th
     assert world_model_weight(fixed, last, {"road_loss_real": 0.35, "road_loss_dream": 0.08}) == 3.0
 
 
+def test_the_dream_loop_trains_its_world_model_with_its_reward_loss(tmp_path, monkeypatch):
+    """The loop's reward-loss flags reach train_world_model.py, round after round (its epochs grow per round)."""
+    import train_dream_loop
+
+    seen = []
+    monkeypatch.setattr(train_dream_loop.train_world_model, "main", seen.append)
+    monkeypatch.setattr(train_dream_loop.train_ppo_in_dream, "main", lambda args: {})
+    args = train_dream_loop.Args(ckpt_dir=tmp_path, reward_overshoot_weight=3.0, reward_overshoot_where="no-tile",
+                                 reward_huber_delta=2.5)
+    train_dream_loop.train_member(args, 2, 0, wm_weight=1.5)
+    (wm_args,) = seen
+    assert (wm_args.reward_overshoot_weight, wm_args.reward_overshoot_where, wm_args.reward_huber_delta) == (
+        3.0, "no-tile", 2.5)
+    assert wm_args.critical_weight == 1.5 and wm_args.epochs == args.wm_epochs + 2 * args.wm_epochs_per_round
+
+
 def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     ckpt = make_checkpoint_dir(tmp_path, action_repeat=4)
     (ckpt / "world_model.pt").unlink()  # the loop trains its own on the episodes it collects

@@ -89,6 +89,14 @@ def test_reward_overshoot_where_no_tile_weighs_only_decisions_that_earned_nothin
         reward_loss(0.0, reward_overshoot_where="grass")
 
 
+def test_train_world_model_refuses_a_reward_huber_delta_that_is_not_positive(tmp_path):
+    import train_world_model
+
+    with pytest.raises(UserError, match="--reward-huber-delta positive"):
+        train_world_model.main(train_world_model.Args(data_dir=tmp_path, ckpt_dir=tmp_path, log_dir=tmp_path,
+                                                      reward_huber_delta=0))
+
+
 def test_temperature_changes_the_spread_of_samples():
     torch.manual_seed(2)
     model = build_world_model(WorldModelConfig(arch="mdn", **TINY))
