@@ -108,7 +108,8 @@ class Args:
     optimistic off the road); train_world_model.py's flag"""
     reward_overshoot_where: Literal["all", "no-tile"] = "all"
     """where that weight applies: every decision, or only those that earned no new tile (pessimistic where the road
-    may be lost, yet a fast decision's second tile is paid); train_world_model.py's flag"""
+    may be lost, yet a fast decision's second tile is paid; in the loop that dream was exploited: README, runs N
+    and N1); train_world_model.py's flag"""
     reward_huber_delta: float = 1.0
     """the reward loss is squared within this of the target, linear beyond (4: about the mean over tile counts);
     train_world_model.py's flag"""
