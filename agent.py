@@ -128,15 +128,21 @@ class Agent:
     default) is the deterministic agent that evaluation plays.
 
     MEMBERS is one (world model, controller) pair, or several for an ensemble: each member keeps its own h
-    from the shared z, the action taken is the mean of the members' actions, and every member's h remembers
-    that action. `features` and `controller` are the first member's (the one a dream video shows).
+    from the shared z, the action taken is the mean of the members' actions (weighted by WEIGHTS, equal when
+    not given), and every member's h remembers that action. `features` and `controller` are the first member's
+    (the one a dream video shows).
     """
 
-    def __init__(self, vae, members: list[tuple], device="cpu", action_repeat: int = 1, noise: float = 0.0):
+    def __init__(self, vae, members: list[tuple], device="cpu", action_repeat: int = 1, noise: float = 0.0,
+                 weights: list[float] | None = None):
         if not members:
             raise ValueError("an agent needs at least one (world model, controller) member")
+        weights = [1.0] * len(members) if weights is None else list(weights)
+        if len(weights) != len(members) or min(weights) <= 0:
+            raise ValueError(f"one positive weight per member: {weights} for {len(members)} members")
         self.members = [(FeatureTracker(vae, world_model, 1, device), controller)
                         for world_model, controller in members]
+        self.weights = torch.tensor(weights, device=device).div(sum(weights))[:, None, None]  # (members, 1, 1)
         self.features, self.controller = self.members[0]
         self.action_repeat, self.noise = action_repeat, noise
         self.frame_count, self.action = 0, None
@@ -153,7 +159,7 @@ class Agent:
         """One decision on a preprocessed frame (64, 64, 3): the action (3,), every h stepped once."""
         z = self.features.encode(frame[None])  # (1, latent_dim), shared by the members
         actions = [controller(features.observe(frame[None], z)) for features, controller in self.members]
-        action = torch.stack(actions).mean(0)[0].cpu().numpy()  # (3,): the members' mean, in the env's box
+        action = (torch.stack(actions) * self.weights).sum(0)[0].cpu().numpy()  # (3,): the members' mean, in the box
         if self.noise > 0:
             action = np.clip(action + self.noise * self.rng.standard_normal(3), ACTION_LOW, ACTION_HIGH)
         self.action = action.astype(np.float32)
@@ -191,26 +197,29 @@ def load_controller(path: Path, ckpt_dir: Path, world_model_path: Path, device="
     return model.to(device).eval(), config
 
 
-def ensemble_members(ckpt_dir: Path) -> list[tuple[Path, Path]]:
+def ensemble_members(ckpt_dir: Path) -> list[tuple[Path, Path, float]]:
     """The (world model, controller) files of CKPT_DIR's ensemble (controller_ensemble.pt, make_ensemble.py), each
-    checked to be the file the ensemble was made of."""
+    checked to be the file the ensemble was made of, with the member's weight in the action's mean (1 when the
+    ensemble was made before weights were recorded)."""
     path = controller_path(ckpt_dir, "ensemble")
     checkpoint = load_checkpoint(path, stage_hint=CONTROLLER_SCRIPTS["ensemble"])
     try:
-        members = [(Path(ckpt_dir) / m["world_model"], Path(ckpt_dir) / m["controller"], m["sha256"])
-                   for m in checkpoint["config"]["members"]]
+        members = [(Path(ckpt_dir) / m["world_model"], Path(ckpt_dir) / m["controller"], m["sha256"],
+                    float(m.get("weight", 1.0))) for m in checkpoint["config"]["members"]]
         if not members or not all(isinstance(sha256, list) and len(sha256) == 2 and all(
-                isinstance(digest, str) for digest in sha256) for *_, sha256 in members):
+                isinstance(digest, str) for digest in sha256) for _, _, sha256, _ in members):
             raise ValueError("no members, or not a hash per member file")
+        if not all(weight > 0 for *_, weight in members):
+            raise ValueError("a member's weight is not positive")
     except (TypeError, KeyError, ValueError) as error:
         raise UserError(f"checkpoint {path} is not an ensemble checkpoint ({type(error).__name__}): "
                         "run make_ensemble.py")
-    for world_model_path, controller_file, sha256 in members:
+    for world_model_path, controller_file, sha256, _ in members:
         for member_file, expected in zip((world_model_path, controller_file), sha256):
             if not member_file.is_file() or file_sha256(member_file) != expected:
                 raise UserError(f"{member_file}, a member of the ensemble {path}, is missing or has changed since: "
                                 "re-run make_ensemble.py")
-    return [(world_model_path, controller_file) for world_model_path, controller_file, _ in members]
+    return [(world_model_path, controller_file, weight) for world_model_path, controller_file, _, weight in members]
 
 
 def agent_files_of(ckpt_dir: Path, controller: str) -> list[Path]:
@@ -218,7 +227,7 @@ def agent_files_of(ckpt_dir: Path, controller: str) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     files = [ckpt_dir / "vae.pt", ckpt_dir / "world_model.pt", controller_path(ckpt_dir, controller)]
     if controller == "ensemble":
-        files += [path for member in ensemble_members(ckpt_dir) for path in member if path not in files]
+        files += [path for *member, _ in ensemble_members(ckpt_dir) for path in member if path not in files]
     return files
 
 
@@ -232,9 +241,9 @@ def load_agent(ckpt_dir: Path, controller: str, device="cpu", noise: float = 0.0
     if controller == "ensemble":
         files = ensemble_members(ckpt_dir)
     else:
-        files = [(ckpt_dir / "world_model.pt", controller_path(ckpt_dir, controller))]
+        files = [(ckpt_dir / "world_model.pt", controller_path(ckpt_dir, controller), 1.0)]
     members, action_repeats = [], set()
-    for world_model_path, path in files:
+    for world_model_path, path, _ in files:
         world_model, wm_checkpoint = (dir_world_model if world_model_path == ckpt_dir / "world_model.pt"
                                       else load_world_model(world_model_path, device))
         model, config = load_controller(path, ckpt_dir, world_model_path, device, script)
@@ -248,4 +257,4 @@ def load_agent(ckpt_dir: Path, controller: str, device="cpu", noise: float = 0.0
     if len(action_repeats) > 1:
         raise UserError(f"the members of {controller_path(ckpt_dir, controller)} decide at different rates "
                         f"({sorted(action_repeats)} frames): re-run make_ensemble.py with members of one clock")
-    return Agent(vae, members, device, action_repeats.pop(), noise)
+    return Agent(vae, members, device, action_repeats.pop(), noise, weights=[weight for *_, weight in files])

@@ -1,6 +1,6 @@
 """Make an ensemble agent: several controllers, each with the world model it was trained in, act together on one
-VAE; the action is the mean of theirs (agent.Agent). Dream-trained controllers of runs with other seeds fail on
-other tracks, so their mean fails on fewer.
+VAE; the action is the mean of theirs (agent.Agent), weighted by --weights if given. Dream-trained controllers of
+runs with other seeds fail on other tracks, so their mean fails on fewer.
 
 Members may be controllers of different kinds (--controller ppo ppo_dream: a PPO controller trained in the real env
 beside a dream-trained one); each is played exactly as it was trained, only the action is shared.
@@ -36,6 +36,8 @@ class Args:
     """where the ensemble agent is written (may be the first member's dir)"""
     controller: list[ControllerName] = field(default_factory=lambda: ["ppo_dream"])
     """which controller of each member dir: one name for all, or one name per member"""
+    weights: list[float] = field(default_factory=list)
+    """each member's weight in the mean of their actions, one positive number per member (default: all equal)"""
     drop_critic: bool = False
     """write the controllers' copies without their critics: half the size, and the actor alone plays (PPO cannot go
     on from them); OUT_DIR must then be a dir of its own"""
@@ -63,6 +65,9 @@ def main(args: Args) -> None:
     if len(names) != len(args.members):
         raise UserError(f"--controller names {len(names)} controllers for {len(args.members)} members: "
                         "give one name for all, or one per member")
+    if args.weights and (len(args.weights) != len(args.members) or min(args.weights) <= 0):
+        raise UserError(f"--weights gives {len(args.weights)} weights for {len(args.members)} members: "
+                        "one positive weight per member")
     if "ensemble" in names:
         raise UserError("--controller names the members' controllers: ppo, ppo_dream or cmaes")
     base = args.members[0]
@@ -91,17 +96,21 @@ def main(args: Args) -> None:
         copy_controller(member / controller_file, args.out_dir / subdir / controller_file, args.drop_critic)
         files.append((subdir / "world_model.pt", subdir / controller_file))
     copy_file(base / "vae.pt", args.out_dir / "vae.pt")
+    weights = args.weights or [1.0] * len(args.members)
     members = [{"world_model": world_model.as_posix(), "controller": controller.as_posix(),
                 "sha256": [file_sha256(args.out_dir / world_model), file_sha256(args.out_dir / controller)],
-                "source": str(member)} for (world_model, controller), member in zip(files, args.members)]
+                "weight": weight, "source": str(member)}
+               for (world_model, controller), member, weight in zip(files, args.members, weights)]
     save_checkpoint(controller_path(args.out_dir, "ensemble"), {
         "config": {"members": members}, "state_dict": {},  # (no weights of its own: the members' files hold them)
-        "args": {"members": [str(m) for m in args.members], "controller": names,
+        "args": {"members": [str(m) for m in args.members], "controller": names, "weights": weights,
                  "out_dir": str(args.out_dir), "drop_critic": args.drop_critic},
         "vae": checkpoint_identity(args.out_dir / "vae.pt")})
     agent = load_agent(args.out_dir, "ensemble")  # the ensemble as every consumer will load it
     print(f"ensemble of {len(agent.members)} controllers ({', '.join(names)}; from "
-          f"{', '.join(map(str, args.members))}) in {controller_path(args.out_dir, 'ensemble')}")
+          f"{', '.join(map(str, args.members))}"
+          + (f"; weights {', '.join(f'{w:g}' for w in weights)}" if args.weights else "")
+          + f") in {controller_path(args.out_dir, 'ensemble')}")
 
 
 if __name__ == "__main__":

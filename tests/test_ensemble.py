@@ -63,6 +63,34 @@ def test_ensemble_acts_as_the_mean_of_its_members(tmp_path, members):
     assert result["controller"] == "ensemble" and len(result["returns"]) == 1
 
 
+def test_weighted_ensemble_acts_as_the_weighted_mean(tmp_path, members):
+    """--weights 3 1 1: the action is (3 a0 + a1 + a2) / 5; an ensemble file without weights weighs members equally."""
+    out = tmp_path / "weighted"
+    for bad in ([1.0, 2.0], [1.0, 0.0, 1.0]):
+        with pytest.raises(UserError, match="one positive weight per member"):
+            make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes"], weights=bad))
+    make_ensemble.main(make_ensemble.Args(members=members, out_dir=out, controller=["cmaes"], weights=[3.0, 1.0, 1.0]))
+    ensemble, singles = load_agent(out, "ensemble"), [load_agent(member, "cmaes") for member in members]
+    frames = np.random.default_rng(1).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        for frame in frames:
+            actions = torch.stack([single.controller(single.features.observe(frame[None])) for single in singles])
+            expected = (3 * actions[0] + actions[1] + actions[2]) / 5
+            assert not torch.allclose(expected, actions.mean(0)), "the weights change the action"
+            for single in singles:
+                single.features.remember(expected)
+            np.testing.assert_allclose(ensemble.act(frame), expected[0].numpy(), rtol=1e-5, atol=1e-6)
+
+    checkpoint = torch.load(out / "controller_ensemble.pt", weights_only=True)
+    unweighted = [{k: v for k, v in m.items() if k != "weight"} for m in checkpoint["config"]["members"]]
+    save_checkpoint(out / "controller_ensemble.pt", checkpoint | {"config": {"members": unweighted}})
+    assert load_agent(out, "ensemble").weights.flatten().tolist() == pytest.approx([1 / 3] * 3)
+    save_checkpoint(out / "controller_ensemble.pt", checkpoint | {
+        "config": {"members": [checkpoint["config"]["members"][0] | {"weight": -1.0}]}})
+    with pytest.raises(UserError, match="is not an ensemble checkpoint"):
+        load_agent(out, "ensemble")
+
+
 def test_ensemble_of_controllers_of_different_kinds(tmp_path, members):
     """A real-env PPO controller beside dream-trained ones: each member plays its own kind, one action shared."""
     save_actor_critic(members[1], "ppo", seed=5)
