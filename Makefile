@@ -75,19 +75,24 @@ iterate: venv
 	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller cmaes --episodes 100 --out $(CKPT_DIR)/eval_cmaes_round$(ROUND).json
 
 # Learning in the dream, one resumable command: random data -> VAE -> world model -> PPO in imagination from
-# replayed real states -> the controller collects -> ... (DREAM_ROUNDS rounds), then the 100-track evaluation.
-# The controller never sees a real return; the per-round real check is only printed and logged. After `make train`
-# the loop starts from its VAE (CKPT_DIR/vae.pt, copied in), as the shipped runs did; else it trains its own.
-DREAM_ROUNDS ?= 10
+# replayed real states -> the controller collects -> ... (DREAM_ROUNDS rounds, under 1M real frames), then the
+# 100-track evaluation. The controller never sees a real return; the per-round real check is only printed and logged.
+# The agent of DREAM_DIR is the snapshot ensemble of the last round's controller and the one DREAM_SNAPSHOT_SPACING
+# rounds before it (rounds 13 + 9), fixed in advance. After `make train` the loop starts from its VAE
+# (CKPT_DIR/vae.pt, copied in), as the shipped runs did; else it trains its own.
+DREAM_ROUNDS ?= 14
 DREAM_EPISODES ?= 50
+DREAM_SNAPSHOTS ?= 2
+DREAM_SNAPSHOT_SPACING ?= 4
 DREAM_DIR ?= $(CKPT_DIR)/dream
 DREAM_DATA ?= $(DATA_DIR)/dream
 dream: venv
 	mkdir -p $(DREAM_DIR)
 	if [ -f $(CKPT_DIR)/vae.pt ]; then cp -n $(CKPT_DIR)/vae.pt $(DREAM_DIR)/; fi
 	$(PY) train_dream_loop.py --data-dir $(DREAM_DATA) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
-		--episodes-per-round $(DREAM_EPISODES) --env-backend $(BACKEND)
-	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller ppo_dream --episodes $(EVAL_EPISODES)
+		--episodes-per-round $(DREAM_EPISODES) --snapshots $(DREAM_SNAPSHOTS) --snapshot-spacing $(DREAM_SNAPSHOT_SPACING) \
+		--env-backend $(BACKEND)
+	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --episodes $(EVAL_EPISODES)
 
 # An ensemble of dream-trained controllers: the same loop again with another seed, on the first run's VAE and
 # round-0 random episodes (the same tracks and noise: copied, not driven again), then make_ensemble.py (the
@@ -101,7 +106,8 @@ dream-ensemble: dream
 	cp -n $(DREAM_DIR)/vae.pt $(SEED_DIR)/
 	cp -rn $(DREAM_DATA)/rollouts/random $(SEED_DATA)/rollouts/
 	$(PY) train_dream_loop.py --data-dir $(SEED_DATA) --ckpt-dir $(SEED_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
-		--episodes-per-round $(DREAM_EPISODES) --env-backend $(BACKEND) --seed $(ENSEMBLE_SEED)
+		--episodes-per-round $(DREAM_EPISODES) --snapshots $(DREAM_SNAPSHOTS) --snapshot-spacing $(DREAM_SNAPSHOT_SPACING) \
+		--env-backend $(BACKEND) --seed $(ENSEMBLE_SEED)
 	$(PY) make_ensemble.py --members $(DREAM_DIR) $(SEED_DIR) --out-dir $(ENSEMBLE_DIR)
 	$(PY) evaluate.py --ckpt-dir $(ENSEMBLE_DIR) --controller ensemble --episodes $(EVAL_EPISODES)
 

@@ -71,8 +71,9 @@ class Args:
     """the run's checkpoints and its record, dream_loop.json"""
     log_dir: Path = Path("runs")
     """TensorBoard logs of every stage"""
-    rounds: int = 10
-    """rounds of collect -> world model -> controller (a resumed run goes on up to this many)"""
+    rounds: int = 14
+    """rounds of collect -> world model -> controller (a resumed run goes on up to this many; 14 keep the data
+    under 1M real frames)"""
     random_episodes: int = 200
     """round 0: random episodes (track seeds 0 ..)"""
     episodes_per_round: int = 50
@@ -93,9 +94,10 @@ class Args:
     """world-model epochs of round 0"""
     wm_epochs_per_round: int = 8
     """more world-model epochs per round, over all the data"""
-    wm_critical_weight: float = 1.0
+    wm_critical_weight: float = 4.0
     """weight of the decisions around a real loss of the road in the world model's loss (1: uniform); its
-    --critical-weight (the dream must not smooth those moments over); with --calibrate, round 0's weight"""
+    --critical-weight (the dream must not smooth those moments over, and loses the road as often as the car
+    does); with --calibrate, round 0's weight"""
     calibrate: bool = False
     """set that weight anew every round from the dream's calibration (step 4 of the round before): times
     sqrt(real rate / dream rate of losing the road), within [1, MAX_CRITICAL_WEIGHT], so that a dream that loses

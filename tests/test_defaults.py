@@ -48,7 +48,10 @@ def test_every_flag_says_what_it_does(script, monkeypatch):
 # Makefile knobs that are not a script's default, on purpose
 MAKE_OWN = {"ITER_EPISODES": "an on-policy round drives fewer new tracks than a first data set has",
             "CKPT_DIR": "evaluate.py and the watching scripts play the shipped agent by default, make what it trained",
-            "ENSEMBLE_SEED": "the second run of an ensemble needs another seed than the first (the default)"}
+            "ENSEMBLE_SEED": "the second run of an ensemble needs another seed than the first (the default)",
+            "DREAM_SNAPSHOTS": "make dream ships rounds 13 + 9 together; the loop alone keeps one controller, so that "
+                               "a run of a few rounds needs no spacing",
+            "DREAM_SNAPSHOT_SPACING": "the spacing of make dream's snapshot ensemble (rounds 13 + 9), as above"}
 
 
 def makefile_knobs() -> tuple[dict[str, str], list[tuple[str, str, str]]]:

@@ -288,7 +288,7 @@ def test_the_dream_loop_runs_two_rounds_and_resumes(tmp_path):
     assert [r["round"] for r in records] == [0, 1] and records[1]["real_frames"] > records[0]["real_frames"]
     # round 1's calibration ran on its noise-free episode (10 decisions: too short for a 30-decision look-ahead)
     assert "road_loss_real" not in records[0] and math.isnan(records[1]["road_loss_dream"])
-    assert [r["wm_critical_weight"] for r in records] == [1.0, 1.0]
+    assert [r["wm_critical_weight"] for r in records] == [4.0, 4.0]  # the default
     assert len(list_episodes(tmp_path / "data", ["round1"])) == 1 and (ckpt / "dream_loop.png").exists()
     assert load_agent(ckpt, "ppo_dream").action_repeat == 4
     kept = [ckpt / "rounds" / f"round{r}" for r in (0, 1)]  # each round's world model and controller, as they were
