@@ -190,6 +190,19 @@ class DreamCritic(nn.Module):
         return self.net(self.obs_norm(obs)).squeeze(-1)
 
 
+class ScaledValue(nn.Module):
+    """A dream-trained PPO agent's critic in the dream's own reward units: V([z, h]) (B, obs_dim) -> (B,), the
+    agent's value times the std its rewards were divided by in training (RewardScaler), so that it can pay another
+    controller's cut dream for where it ends. Fixed: nothing here trains it."""
+
+    def __init__(self, agent: ActorCritic, reward_std: float):
+        super().__init__()
+        self.agent, self.reward_std = agent, reward_std
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.agent.value(obs) * self.reward_std
+
+
 class LinearController(nn.Module):
     def __init__(self, config: ControllerConfig):
         super().__init__()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import cluster
-from actor_critic import ACTION_HIGH, ACTION_LOW, DreamCritic, population_actions
+from actor_critic import ACTION_HIGH, ACTION_LOW, population_actions
 from agent import load_vae_and_world_model, load_world_model
 from episodes import encode_episodes, list_episodes, load_latent_episode
 from utils import UserError, file_sha256
@@ -148,7 +148,8 @@ class BatchedDream:
 @torch.no_grad()
 def dream_return(dream: BatchedDream, act: Callable[[torch.Tensor], torch.Tensor], seeds: torch.Tensor,
                  z: torch.Tensor | None = None, state: torch.Tensor | None = None, gamma: float = 1.0,
-                 critic: DreamCritic | None = None, trajectory: dict | None = None) -> torch.Tensor:
+                 critic: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 trajectory: dict | None = None) -> torch.Tensor:
     """The return of each of the B dreams (one per seed, from the bank or from z/state), played to its end
     by `act` (observations (B, obs_dim) -> actions (B, 3)): (B,). The one dream-return loop (the
     deterministic dream scores, CMA-ES fitness). Rewards are discounted by GAMMA; a CRITIC adds
@@ -177,7 +178,8 @@ def dream_return(dream: BatchedDream, act: Callable[[torch.Tensor], torch.Tensor
 @torch.no_grad()
 def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, seeds: torch.Tensor,
                   z: torch.Tensor | None = None, state: torch.Tensor | None = None, gamma: float = 1.0,
-                  critic: DreamCritic | None = None, trajectory: dict | None = None) -> torch.Tensor:
+                  critic: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 trajectory: dict | None = None) -> torch.Tensor:
     """Mean dream return of each candidate: solutions (P, n), seeds (P * rollouts,) -> (P,). The dreams start
     from the bank, or from the given z (P * rollouts, latent) and state (P * rollouts, state_size); GAMMA,
     CRITIC and TRAJECTORY as in `dream_return`."""

@@ -14,7 +14,10 @@ is only looked at, never learned from. Dreams start from the world model's bank 
 run whole episodes, or with --replay from the states of replayed real decisions for HORIZON decisions.
 With --critic the fitness is the discounted return (GAMMA) plus the discounted value of where each cut dream
 ends, from a critic (an MLP on [z, h]) fitted after every generation on the lambda-returns of that
-generation's dreams; it rides in cmaes_latest.pt, so a resumed run goes on with it.
+generation's dreams; it rides in cmaes_latest.pt, so a resumed run goes on with it. With --value-from DIR the
+value of where a cut dream ends comes instead from the critic of a PPO agent trained in the same dream
+(DIR/ppo_dream_latest.pt, e.g. the dream loop's last round), fixed: the value of a state to a driver that
+learned in this dream, not to the population's own slow drivers.
 With --evolutions K, K independent evolutions (seeds SEED .. SEED + K - 1, each asking and dreaming exactly what
 the run alone with its --seed would) advance side by side in one BatchedDream, and the controller is the mean of
 their K means: still one linear controller, with less of any one evolution's luck in it.
@@ -33,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actor_critic import ControllerConfig, DreamCritic, LinearController
-from agent import controller_path, load_vae_and_world_model
+from actor_critic import ControllerConfig, DreamCritic, LinearController, ScaledValue
+from agent import controller_path, load_controller, load_vae_and_world_model
 from dream import (
     BatchedDream,
     ReplayStarts,
@@ -86,6 +89,9 @@ class Args(ControllerStageArgs):
     """discount of the fitness and the critic's returns, with --critic"""
     critic_lambda: float = 0.95
     """lambda of the critic's targets, with --critic"""
+    value_from: Path | None = None
+    """a dir whose ppo_dream_latest.pt (PPO trained in this same world model) lends its critic, fixed, to pay each
+    cut dream for where it ends; the fitness is then the discounted return (GAMMA) plus that value"""
     evolutions: int = 1
     """independent evolutions side by side (seeds SEED .. SEED + EVOLUTIONS - 1); the controller is the mean of their
     means (one linear controller)"""
@@ -159,6 +165,19 @@ def restore_es(es: cma.CMAEvolutionStrategy, state: dict) -> cma.CMAEvolutionStr
     return es
 
 
+def load_dream_value(ckpt_dir: Path, world_model_path: Path, device) -> ScaledValue:
+    """The critic of CKPT_DIR/ppo_dream_latest.pt in reward units, checked to be trained in WORLD_MODEL_PATH's
+    dream (and on the VAE beside it)."""
+    path = Path(ckpt_dir) / "ppo_dream_latest.pt"
+    agent, config = load_controller(path, world_model_path.parent, world_model_path, device,
+                                    script="train_ppo_in_dream.py (or train_dream_loop.py) on this world model")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if config.kind != "actor_critic" or "reward_scaler" not in checkpoint:
+        raise UserError(f"{path} is not a PPO agent's resumable checkpoint (no critic or reward scale)")
+    reward_std = float(torch.sqrt(checkpoint["reward_scaler"]["var"] + 1e-8))
+    return ScaledValue(agent, reward_std).to(device).eval()
+
+
 def new_es(num_params: int, args: Args, seed: int | None = None) -> cma.CMAEvolutionStrategy:
     seed = args.seed if seed is None else seed
     return cma.CMAEvolutionStrategy(np.zeros(num_params), args.sigma0,
@@ -204,6 +223,9 @@ def main(args: Args) -> None:
         raise UserError("--horizon must be at least 1 and --critical-weight positive")
     if args.critic and args.ray_address:
         raise UserError("--critic is fitted in this process: run it without --ray-address")
+    if args.value_from is not None and (args.critic or args.ray_address or not args.replay):
+        raise UserError("--value-from pays dreams cut by --replay, in this process: run it with --replay, "
+                        "without --critic and without --ray-address")
     if args.critic and args.evolutions > 1:
         raise UserError("--critic is fitted on one evolution's dreams: run it with --evolutions 1")
     if not (0 < args.gamma <= 1 and 0 <= args.critic_lambda <= 1):
@@ -217,17 +239,20 @@ def main(args: Args) -> None:
 
     evolutions, start_gen, best_fitness = None, 0, -math.inf
     critic = DreamCritic(config.obs_dim).to(device) if args.critic else None
+    fixed_value = (load_dream_value(args.value_from, args.ckpt_dir / "world_model.pt", device)
+                   if args.value_from is not None else None)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=3e-4) if critic is not None else None
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = resume_controller_checkpoint(latest_path, out_path, args.fresh, identities["world_model"]["sha256"],
                                               config, "train_cmaes_in_dream.py")
     if checkpoint:
         # (runs from before --critical-weight drew uniformly, from before --critic had none)
-        saved = ({"critical_weight": 1.0, "critic": False, "gamma": 0.99, "critic_lambda": 0.95, "evolutions": 1}
-                 | checkpoint["args"])
+        saved = ({"critical_weight": 1.0, "critic": False, "gamma": 0.99, "critic_lambda": 0.95, "evolutions": 1,
+                  "value_from": None} | checkpoint["args"])
         changed = [name for name in ("popsize", "sigma0", "seed", "rollouts", "temperature", "max_steps", "replay",
-                                     "horizon", "critical_weight", "critic", "gamma", "critic_lambda", "evolutions")
-                   if saved.get(name) != getattr(args, name)]  # what the fitness depends on
+                                     "horizon", "critical_weight", "critic", "gamma", "critic_lambda", "evolutions",
+                                     "value_from")
+                   if saved.get(name) != plain(getattr(args, name))]  # what the fitness depends on
         if changed:
             raise UserError(f"{latest_path} was evolved with other {', '.join(changed)} "
                             f"({', '.join(f'{name}={saved.get(name)}' for name in changed)}): use the same or --fresh")
@@ -292,9 +317,10 @@ def main(args: Args) -> None:
                 groups=args.evolutions)
         else:
             trajectory = {} if critic is not None else None
+            value = critic if critic is not None else fixed_value
             fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device),
-                                    args.rollouts, seeds.to(device), z, state, args.gamma if critic else 1.0, critic,
-                                    trajectory).cpu().numpy()
+                                    args.rollouts, seeds.to(device), z, state, args.gamma if value is not None else 1.0,
+                                    value, trajectory).cpu().numpy()
         if not np.isfinite(fitness).all():
             raise UserError(f"dream fitness became non-finite at generation {generation + 1}; "
                             f"the last good checkpoint is {latest_path}")

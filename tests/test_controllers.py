@@ -9,11 +9,11 @@ import torch
 import smoke
 from actor_critic import ControllerConfig, DreamCritic, LinearController, population_actions, squash
 from agent import controller_path, load_agent
-from conftest import make_checkpoint_dir, make_episode, run_script, save_linear_controller
+from conftest import make_checkpoint_dir, make_episode, run_script, save_actor_critic, save_linear_controller
 from dream import BatchedDream, ReplayStarts, dream_fitness
 from episodes import episode_path, save_episode
 from train_cmaes_in_dream import Args as CMAESArgs
-from train_cmaes_in_dream import es_state, generation_starts, new_es, restore_es
+from train_cmaes_in_dream import es_state, generation_starts, load_dream_value, new_es, restore_es
 from utils import UserError, load_checkpoint, save_checkpoint
 from utils_rl import fit_critic
 from world_model import WorldModelConfig, build_world_model
@@ -194,6 +194,39 @@ def test_cmaes_with_a_critic_checkpoints_and_resumes_it(tmp_path):
     assert latest["generation"] == 2 and latest["metrics"]["critic_loss"] >= 0
     assert set(latest["critic"]) >= {"obs_norm.count", "net.0.weight"} and latest["critic_optimizer"]["state"]
     assert latest["critic"]["obs_norm.count"] > 12, "two generations of dreams went into the critic's statistics"
+
+
+def test_value_from_pays_cut_dreams_with_a_dream_trained_critic_in_reward_units(tmp_path):
+    """--value-from DIR: DIR/ppo_dream_latest.pt's critic times its reward scaler's std (the PPO agent's value in
+    the dream's reward units), only for the world model it was trained in; a resumed run keeps the same source."""
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_actor_critic(ckpt)
+    ppo = load_checkpoint(controller_path(ckpt, "ppo_dream"))
+    scaler = {"mean": torch.zeros(1), "var": torch.full((1,), 4.0), "count": torch.tensor(10.0)}
+    save_checkpoint(ckpt / "ppo_dream_latest.pt", {**ppo, "reward_scaler": scaler})
+    value = load_dream_value(ckpt, ckpt / "world_model.pt", "cpu")
+    obs = torch.randn(5, 20)
+    torch.testing.assert_close(value(obs), value.agent.value(obs) * 2.0)
+    assert value.agent.critic[0].weight.equal(ppo["state_dict"]["critic.0.weight"])
+
+    save_episode(episode_path(tmp_path / "data", "random", 0), make_episode(12, 0))
+    common = ["train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
+              "--data-dir", str(tmp_path / "data"), *smoke.TINY["train_cmaes_in_dream"]]
+    first = run_script(*common, "--generations", "1", "--value-from", str(ckpt))
+    assert first.returncode == 0, first.stderr
+    assert load_checkpoint(ckpt / "cmaes_latest.pt")["args"]["value_from"] == str(ckpt)
+    without = run_script(*common, "--generations", "2")
+    assert without.returncode == 2 and "other value_from" in without.stderr, without.stderr
+    both = run_script(*common, "--generations", "2", "--value-from", str(ckpt), "--critic")
+    assert both.returncode == 2 and "without --critic" in both.stderr and "Traceback" not in both.stderr
+
+    other = tmp_path / "other"  # a PPO agent of another world model
+    other.mkdir()
+    save_checkpoint(other / "ppo_dream_latest.pt",
+                    {**ppo, "reward_scaler": scaler, "world_model": {"path": "elsewhere", "sha256": "0" * 64}})
+    mismatched = run_script(*common, "--generations", "2", "--value-from", str(other), "--fresh")
+    assert mismatched.returncode == 2 and "another world model" in mismatched.stderr, mismatched.stderr
+    assert "Traceback" not in mismatched.stderr
 
 
 def test_cmaes_evolutions_side_by_side_are_the_runs_alone_averaged(tmp_path):
