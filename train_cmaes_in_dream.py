@@ -17,7 +17,10 @@ ends, from a critic (an MLP on [z, h]) fitted after every generation on the lamb
 generation's dreams; it rides in cmaes_latest.pt, so a resumed run goes on with it. With --value-from DIR the
 value of where a cut dream ends comes instead from the critic of a PPO agent trained in the same dream
 (DIR/ppo_dream_latest.pt, e.g. the dream loop's last round), fixed: the value of a state to a driver that
-learned in this dream, not to the population's own slow drivers.
+learned in this dream, not to the population's own slow drivers. With --init-from-agent DIR every evolution
+starts from a linear controller fitted to DIR's dream-trained PPO agent (DIR/controller_ppo_dream.pt, of this world
+model): least squares on its deterministic actions over INIT_DREAMS dreams of HORIZON decisions from the replayed
+starts (run seeds -INIT_DREAMS .. -1, apart from every generation's). Nothing real but those starts enters the fit.
 With --evolutions K, K independent evolutions (seeds SEED .. SEED + K - 1, each asking and dreaming exactly what
 the run alone with its --seed would) advance side by side in one BatchedDream, and the controller is the mean of
 their K means: still one linear controller, with less of any one evolution's luck in it.
@@ -34,15 +37,17 @@ import cma
 import cma.utilities.utils as cma_utils
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from actor_critic import ControllerConfig, DreamCritic, LinearController, ScaledValue
+from actor_critic import ActorCritic, ControllerConfig, DreamCritic, LinearController, ScaledValue
 from agent import controller_path, load_controller, load_vae_and_world_model
 from dream import (
     BatchedDream,
     ReplayStarts,
     counter_uniform,
     dream_fitness,
+    dream_return,
     load_replay,
     population_fitness_on_cluster,
     run_seeds,
@@ -54,6 +59,7 @@ from utils import (
     plain,
     resume_controller_checkpoint,
     run_main,
+    save_checkpoint,
     save_stage,
     setup_stage,
     stage_checkpoint,
@@ -92,6 +98,11 @@ class Args(ControllerStageArgs):
     value_from: Path | None = None
     """a dir whose ppo_dream_latest.pt (PPO trained in this same world model) lends its critic, fixed, to pay each
     cut dream for where it ends; the fitness is then the discounted return (GAMMA) plus that value"""
+    init_from_agent: Path | None = None
+    """start the evolutions from a linear fit of the dream-trained PPO agent in DIR (controller_ppo_dream.pt, this
+    world model) to its own actions in dreams from the replayed starts, instead of from zero"""
+    init_dreams: int = 8192
+    """dreams of HORIZON decisions whose states the --init-from-agent fit uses"""
     evolutions: int = 1
     """independent evolutions side by side (seeds SEED .. SEED + EVOLUTIONS - 1); the controller is the mean of their
     means (one linear controller)"""
@@ -178,9 +189,36 @@ def load_dream_value(ckpt_dir: Path, world_model_path: Path, device) -> ScaledVa
     return ScaledValue(agent, reward_std).to(device).eval()
 
 
-def new_es(num_params: int, args: Args, seed: int | None = None) -> cma.CMAEvolutionStrategy:
+def distill_linear(agent, world_model, bank: dict, starts: ReplayStarts, dreams: int, horizon: int, run_seed: int,
+                   device, steps: int = 2000, batch: int = 4096) -> np.ndarray:
+    """The linear controller closest to a dream-trained agent: its flat parameters [W (3 x obs_dim), b] minimising the
+    squared error of tanh(W [z, h] + b) to the agent's deterministic unit action (its distribution's mode) on every
+    state of DREAMS dreams the agent drives for HORIZON decisions from replayed starts (run seeds -DREAMS .. -1)."""
+    seeds = run_seeds(run_seed, -dreams, dreams, device)
+    z, state = starts.sample(counter_uniform(seeds, torch.full((dreams,), -3, device=device), 1)[:, 0])
+    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], dreams, 1.0,
+                         horizon * world_model.config.action_repeat, device)
+    trajectory = {}
+    dream_return(dream, agent, seeds, z, state, trajectory=trajectory)
+    with torch.no_grad():
+        obs = trajectory["obs"][:-1][trajectory["alive"]]  # (N, obs_dim): every state the agent acted in
+        target = agent.policy(obs).mode()  # (N, 3) unit actions in [-1, 1], what squash's tanh must match
+    linear = nn.Linear(obs.shape[1], 3).to(device)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2)
+    generator = torch.Generator(device="cpu").manual_seed(run_seed)
+    for _ in range(steps):
+        pick = torch.randint(len(obs), (batch,), generator=generator).to(obs.device)
+        loss = (torch.tanh(linear(obs[pick])) - target[pick]).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.cat([linear.weight.detach().flatten(), linear.bias.detach()]).cpu().double().numpy()
+
+
+def new_es(num_params: int, args: Args, seed: int | None = None, x0: np.ndarray | None = None
+           ) -> cma.CMAEvolutionStrategy:
     seed = args.seed if seed is None else seed
-    return cma.CMAEvolutionStrategy(np.zeros(num_params), args.sigma0,
+    return cma.CMAEvolutionStrategy(np.zeros(num_params) if x0 is None else x0, args.sigma0,
                                     {"popsize": args.popsize, "seed": seed + 1, "verbose": -9})
 
 
@@ -215,9 +253,11 @@ def generation_seeds(run_seed: int, generation: int, popsize: int, rollouts: int
 
 def main(args: Args) -> None:
     device = setup_stage(args)
-    if min(args.generations, args.popsize, args.rollouts, args.max_steps, args.evolutions) < 1 or args.popsize < 2:
-        raise UserError("--generations, --rollouts, --max-steps and --evolutions must be at least 1, "
-                        "--popsize at least 2")
+    fitted_only = args.generations == 0 and args.init_from_agent is not None  # the fitted start is the controller
+    if (min(args.generations + fitted_only, args.popsize, args.rollouts, args.max_steps, args.evolutions) < 1
+            or args.popsize < 2):
+        raise UserError("--generations (0 only with --init-from-agent), --rollouts, --max-steps and --evolutions must "
+                        "be at least 1, --popsize at least 2")
     vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)
     if args.horizon < 1 or not args.critical_weight > 0:
         raise UserError("--horizon must be at least 1 and --critical-weight positive")
@@ -226,6 +266,9 @@ def main(args: Args) -> None:
     if args.value_from is not None and (args.critic or args.ray_address or not args.replay):
         raise UserError("--value-from pays dreams cut by --replay, in this process: run it with --replay, "
                         "without --critic and without --ray-address")
+    if args.init_from_agent is not None and (not args.replay or args.init_dreams < 1):
+        raise UserError("--init-from-agent fits on dreams from replayed starts: run it with --replay and "
+                        "--init-dreams of at least 1")
     if args.critic and args.evolutions > 1:
         raise UserError("--critic is fitted on one evolution's dreams: run it with --evolutions 1")
     if not (0 < args.gamma <= 1 and 0 <= args.critic_lambda <= 1):
@@ -243,15 +286,15 @@ def main(args: Args) -> None:
                    if args.value_from is not None else None)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=3e-4) if critic is not None else None
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
-    checkpoint = resume_controller_checkpoint(latest_path, out_path, args.fresh, identities["world_model"]["sha256"],
-                                              config, "train_cmaes_in_dream.py")
+    checkpoint = None if fitted_only else resume_controller_checkpoint(
+        latest_path, out_path, args.fresh, identities["world_model"]["sha256"], config, "train_cmaes_in_dream.py")
     if checkpoint:
         # (runs from before --critical-weight drew uniformly, from before --critic had none)
         saved = ({"critical_weight": 1.0, "critic": False, "gamma": 0.99, "critic_lambda": 0.95, "evolutions": 1,
-                  "value_from": None} | checkpoint["args"])
+                  "value_from": None, "init_from_agent": None, "init_dreams": 8192} | checkpoint["args"])
         changed = [name for name in ("popsize", "sigma0", "seed", "rollouts", "temperature", "max_steps", "replay",
                                      "horizon", "critical_weight", "critic", "gamma", "critic_lambda", "evolutions",
-                                     "value_from")
+                                     "value_from", "init_from_agent", "init_dreams")
                    if saved.get(name) != plain(getattr(args, name))]  # what the fitness depends on
         if changed:
             raise UserError(f"{latest_path} was evolved with other {', '.join(changed)} "
@@ -268,12 +311,9 @@ def main(args: Args) -> None:
         start_gen, best_fitness = checkpoint["generation"], checkpoint["best_fitness"]
         log_dir = Path(checkpoint["log_dir"])
         print(f"resuming from {latest_path}: generation {start_gen}, best dream fitness {best_fitness:.1f}")
-    if start_gen >= args.generations:
+    if start_gen >= args.generations and not fitted_only:
         print(f"{latest_path} has already evolved {start_gen} generations; nothing to do")
         return
-    if evolutions is None:
-        evolutions = [Evolution(new_es(LinearController.num_params(config.obs_dim), args, args.seed + k))
-                      for k in range(args.evolutions)]
     seeds_of_evolutions = [args.seed + k for k in range(args.evolutions)]
 
     bank, starts = wm_checkpoint["start_bank"], None
@@ -284,6 +324,25 @@ def main(args: Args) -> None:
         dream_frames = min(args.max_steps, args.horizon * world_model.config.action_repeat)
         print(f"dreams from {len(starts):,} replayed real states of {len(episodes)} episodes, "
               f"{args.horizon} decisions each")
+    if evolutions is None:
+        x0 = None
+        if args.init_from_agent is not None:
+            agent, _ = load_controller(Path(args.init_from_agent) / "controller_ppo_dream.pt", args.ckpt_dir,
+                                       args.ckpt_dir / "world_model.pt", device,
+                                       script="train_ppo_in_dream.py (or train_dream_loop.py) on this world model")
+            if not isinstance(agent, ActorCritic):
+                raise UserError(f"{args.init_from_agent}/controller_ppo_dream.pt is not a PPO agent")
+            x0 = distill_linear(agent, world_model, bank, starts, args.init_dreams, args.horizon, args.seed, device)
+            print(f"evolutions start from the linear fit of {args.init_from_agent}'s agent "
+                  f"on {args.init_dreams} dreams")
+            if fitted_only:  # (--generations 0: no evolution; written as generation 0, nothing to resume)
+                controller.set_flat(torch.as_tensor(x0, dtype=torch.float32))
+                save_checkpoint(out_path, stage_checkpoint(config, controller, args, log_dir, generation=0,
+                                                           metrics={}, best_fitness=-math.inf, **identities))
+                print(f"controller (the linear fit, no generation) in {out_path}")
+                return
+        evolutions = [Evolution(new_es(LinearController.num_params(config.obs_dim), args, args.seed + k, x0))
+                      for k in range(args.evolutions)]
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], args.evolutions * args.popsize * args.rollouts,
                          args.temperature, dream_frames, device)
     print(f"CMA-ES: {evolutions[0].es.N} parameters, "

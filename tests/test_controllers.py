@@ -8,12 +8,12 @@ import torch
 
 import smoke
 from actor_critic import ControllerConfig, DreamCritic, LinearController, population_actions, squash
-from agent import controller_path, load_agent
+from agent import controller_path, load_agent, load_controller
 from conftest import make_checkpoint_dir, make_episode, run_script, save_actor_critic, save_linear_controller
 from dream import BatchedDream, ReplayStarts, dream_fitness
 from episodes import episode_path, save_episode
 from train_cmaes_in_dream import Args as CMAESArgs
-from train_cmaes_in_dream import es_state, generation_starts, load_dream_value, new_es, restore_es
+from train_cmaes_in_dream import distill_linear, es_state, generation_starts, load_dream_value, new_es, restore_es
 from utils import UserError, load_checkpoint, save_checkpoint
 from utils_rl import fit_critic
 from world_model import WorldModelConfig, build_world_model
@@ -227,6 +227,62 @@ def test_value_from_pays_cut_dreams_with_a_dream_trained_critic_in_reward_units(
     mismatched = run_script(*common, "--generations", "2", "--value-from", str(other), "--fresh")
     assert mismatched.returncode == 2 and "another world model" in mismatched.stderr, mismatched.stderr
     assert "Traceback" not in mismatched.stderr
+
+
+def test_init_from_agent_starts_the_evolutions_at_a_linear_fit_of_the_dream_agent(tmp_path):
+    """distill_linear: the linear controller fitted to a (nonlinear) dream agent's actions on its own dreams is
+    closer to the agent on new dreams than the best constant action; the script starts every evolution there (with
+    a tiny step size the controller after a generation acts as the fit does) and says so, or in one line why not;
+    with --generations 0 the fit itself is the controller."""
+    ckpt = make_checkpoint_dir(tmp_path)
+    save_actor_critic(ckpt)
+    for seed in range(2):
+        save_episode(episode_path(tmp_path / "data", "random", seed), make_episode(12, seed))
+    agent, _ = load_controller(controller_path(ckpt, "ppo_dream"), ckpt, ckpt / "world_model.pt")
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(300.0)  # a policy whose actions vary with [z, h]
+    checkpoint = load_checkpoint(controller_path(ckpt, "ppo_dream"))
+    save_checkpoint(controller_path(ckpt, "ppo_dream"), {**checkpoint, "state_dict": agent.state_dict()})
+    world_model = build_world_model(WorldModelConfig(**load_checkpoint(ckpt / "world_model.pt")["config"]))
+    world_model.load_state_dict(load_checkpoint(ckpt / "world_model.pt")["state_dict"])
+    from agent import load_vae
+    from dream import load_replay
+
+    vae = load_vae(ckpt / "vae.pt")[0]
+    starts = ReplayStarts(world_model, load_replay(tmp_path / "data", vae, ckpt / "vae.pt", 1, progress=False))
+    bank = load_checkpoint(ckpt / "world_model.pt")["start_bank"]
+    flat = distill_linear(agent, world_model, bank, starts, 256, 6, run_seed=0, device="cpu", steps=300, batch=256)
+    trajectory = {}
+    dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 128, max_steps=6)
+    dream_fitness(dream, torch.zeros(1, 3 * 20 + 3), 128, torch.arange(128) + 10_000, *starts.sample(
+        torch.rand(128, generator=torch.Generator().manual_seed(1))), trajectory=trajectory)
+    obs = trajectory["obs"][:-1].flatten(0, 1)
+    with torch.no_grad():
+        target = agent.policy(obs).mode()
+    flat = torch.as_tensor(flat, dtype=torch.float32)  # [W (3 x 20) row-major, b (3)]
+    fitted = torch.tanh(obs @ flat[:60].view(3, 20).T + flat[60:])
+    assert (fitted - target).pow(2).mean() < 0.5 * (target - target.mean(0)).pow(2).mean()
+
+    common = ["train_cmaes_in_dream.py", "--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"),
+              "--data-dir", str(tmp_path / "data"), *smoke.TINY["train_cmaes_in_dream"], "--generations", "1"]
+    result = run_script(*common, "--init-from-agent", str(ckpt), "--init-dreams", "64", "--sigma0", "1e-9")
+    assert result.returncode == 0 and "start from the linear fit" in result.stdout, result.stderr
+    written = load_checkpoint(controller_path(ckpt, "cmaes"))["state_dict"]
+    linear = LinearController(ControllerConfig(kind="linear", obs_dim=20))
+    linear.load_state_dict(written)
+    with torch.no_grad():
+        close = (torch.tanh(linear.linear(obs)) - target).pow(2).mean()
+    assert close < 0.5 * (target - target.mean(0)).pow(2).mean(), "the evolutions started at the fit"
+    refused = run_script(*common, "--init-from-agent", str(ckpt), "--no-replay", "--fresh")
+    assert refused.returncode == 2 and "--replay" in refused.stderr and "Traceback" not in refused.stderr
+    fitted_only = run_script(*common[:-2], "--generations", "0", "--init-from-agent", str(ckpt), "--init-dreams", "64")
+    assert fitted_only.returncode == 0 and "the linear fit, no generation" in fitted_only.stdout, fitted_only.stderr
+    fit = load_checkpoint(controller_path(ckpt, "cmaes"))
+    assert fit["generation"] == 0 and fit["args"]["init_from_agent"] == str(ckpt)
+    for key, value in fit["state_dict"].items():  # the same fit as the evolutions started from, to sigma's 1e-9
+        torch.testing.assert_close(value, written[key], atol=1e-5, rtol=0)
+    nothing = run_script(*common[:-2], "--generations", "0")
+    assert nothing.returncode == 2 and "0 only with --init-from-agent" in nothing.stderr
 
 
 def test_cmaes_evolutions_side_by_side_are_the_runs_alone_averaged(tmp_path):

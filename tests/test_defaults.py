@@ -49,9 +49,8 @@ def test_every_flag_says_what_it_does(script, monkeypatch):
 MAKE_OWN = {"ITER_EPISODES": "an on-policy round drives fewer new tracks than a first data set has",
             "CKPT_DIR": "evaluate.py and the watching scripts play the shipped agent by default, make what it trained",
             "ENSEMBLE_SEED": "the second run of an ensemble needs another seed than the first (the default)",
-            "DREAM_SNAPSHOTS": "make dream ships rounds 13 + 9 together; the loop alone keeps one controller, so that "
-                               "a run of a few rounds needs no spacing",
-            "DREAM_SNAPSHOT_SPACING": "the spacing of make dream's snapshot ensemble (rounds 13 + 9), as above"}
+            "DREAM_SNAPSHOT_SPACING": "with DREAM_SNAPSHOTS=2, rounds 13 + 9 (pretrained/dream/'s pair); the loop "
+                                      "alone spaces snapshots 2 rounds, for short runs"}
 
 
 def makefile_knobs() -> tuple[dict[str, str], list[tuple[str, str, str]]]:
