@@ -179,7 +179,7 @@ def dream_return(dream: BatchedDream, act: Callable[[torch.Tensor], torch.Tensor
 def dream_fitness(dream: BatchedDream, solutions: torch.Tensor, rollouts: int, seeds: torch.Tensor,
                   z: torch.Tensor | None = None, state: torch.Tensor | None = None, gamma: float = 1.0,
                   critic: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 trajectory: dict | None = None) -> torch.Tensor:
+                  trajectory: dict | None = None) -> torch.Tensor:
     """Mean dream return of each candidate: solutions (P, n), seeds (P * rollouts,) -> (P,). The dreams start
     from the bank, or from the given z (P * rollouts, latent) and state (P * rollouts, state_size); GAMMA,
     CRITIC and TRAJECTORY as in `dream_return`."""

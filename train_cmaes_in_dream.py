@@ -254,8 +254,8 @@ def generation_seeds(run_seed: int, generation: int, popsize: int, rollouts: int
 def main(args: Args) -> None:
     device = setup_stage(args)
     fitted_only = args.generations == 0 and args.init_from_agent is not None  # the fitted start is the controller
-    if (min(args.generations + fitted_only, args.popsize, args.rollouts, args.max_steps, args.evolutions) < 1
-            or args.popsize < 2):
+    if ((args.generations < 1 and not fitted_only) or args.popsize < 2
+            or min(args.rollouts, args.max_steps, args.evolutions) < 1):
         raise UserError("--generations (0 only with --init-from-agent), --rollouts, --max-steps and --evolutions must "
                         "be at least 1, --popsize at least 2")
     vae, world_model, wm_checkpoint = load_vae_and_world_model(args.ckpt_dir, device)  # (checks they belong together)

@@ -8,9 +8,9 @@ import torch
 
 import smoke
 from actor_critic import ControllerConfig, DreamCritic, LinearController, population_actions, squash
-from agent import controller_path, load_agent, load_controller
+from agent import controller_path, load_agent, load_controller, load_vae
 from conftest import make_checkpoint_dir, make_episode, run_script, save_actor_critic, save_linear_controller
-from dream import BatchedDream, ReplayStarts, dream_fitness
+from dream import BatchedDream, ReplayStarts, dream_fitness, load_replay
 from episodes import episode_path, save_episode
 from train_cmaes_in_dream import Args as CMAESArgs
 from train_cmaes_in_dream import distill_linear, es_state, generation_starts, load_dream_value, new_es, restore_es
@@ -245,9 +245,6 @@ def test_init_from_agent_starts_the_evolutions_at_a_linear_fit_of_the_dream_agen
     save_checkpoint(controller_path(ckpt, "ppo_dream"), {**checkpoint, "state_dict": agent.state_dict()})
     world_model = build_world_model(WorldModelConfig(**load_checkpoint(ckpt / "world_model.pt")["config"]))
     world_model.load_state_dict(load_checkpoint(ckpt / "world_model.pt")["state_dict"])
-    from agent import load_vae
-    from dream import load_replay
-
     vae = load_vae(ckpt / "vae.pt")[0]
     starts = ReplayStarts(world_model, load_replay(tmp_path / "data", vae, ckpt / "vae.pt", 1, progress=False))
     bank = load_checkpoint(ckpt / "world_model.pt")["start_bank"]
