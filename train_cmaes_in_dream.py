@@ -284,6 +284,7 @@ def main(args: Args) -> None:
     critic = DreamCritic(config.obs_dim).to(device) if args.critic else None
     fixed_value = (load_dream_value(args.value_from, args.ckpt_dir / "world_model.pt", device)
                    if args.value_from is not None else None)
+    cut_value = critic if critic is not None else fixed_value  # what pays a cut dream for where it ends, if anything
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=3e-4) if critic is not None else None
     log_dir = args.log_dir / f"cmaes-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = None if fitted_only else resume_controller_checkpoint(
@@ -376,10 +377,9 @@ def main(args: Args) -> None:
                 groups=args.evolutions)
         else:
             trajectory = {} if critic is not None else None
-            value = critic if critic is not None else fixed_value
             fitness = dream_fitness(dream, torch.as_tensor(solutions, dtype=torch.float32, device=device),
-                                    args.rollouts, seeds.to(device), z, state, args.gamma if value is not None else 1.0,
-                                    value, trajectory).cpu().numpy()
+                                    args.rollouts, seeds.to(device), z, state,
+                                    args.gamma if cut_value is not None else 1.0, cut_value, trajectory).cpu().numpy()
         if not np.isfinite(fitness).all():
             raise UserError(f"dream fitness became non-finite at generation {generation + 1}; "
                             f"the last good checkpoint is {latest_path}")
