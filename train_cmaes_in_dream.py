@@ -1,6 +1,7 @@
 """Evolve the original linear controller with CMA-ES entirely inside the dream.
 
-Reads:  CKPT_DIR/vae.pt and world_model.pt; with --replay, DATA_DIR's episodes (their latents, cached per VAE).
+Reads:  CKPT_DIR/vae.pt and world_model.pt; with --replay or --init-from-agent, DATA_DIR's episodes (their latents,
+        cached per VAE).
 Writes: CKPT_DIR/controller_cmaes.pt (the CMA-ES mean, or the mean of the --evolutions' means, after each
         generation, with the identities of the VAE and world model it was evolved in), CKPT_DIR/cmaes_latest.pt
         (the evolution states and the --critic's weights: re-running resumes), TensorBoard logs under
@@ -20,7 +21,8 @@ value of where a cut dream ends comes instead from the critic of a PPO agent tra
 learned in this dream, not to the population's own slow drivers. With --init-from-agent DIR every evolution
 starts from a linear controller fitted to DIR's dream-trained PPO agent (DIR/controller_ppo_dream.pt, of this world
 model): least squares on its deterministic actions over INIT_DREAMS dreams of HORIZON decisions from the replayed
-starts (run seeds -INIT_DREAMS .. -1, apart from every generation's). Nothing real but those starts enters the fit.
+starts (run seeds -INIT_DREAMS .. -1, apart from every generation's), also when the evolutions dream whole episodes
+(--no-replay). Nothing real but those starts enters the fit.
 With --evolutions K, K independent evolutions (seeds SEED .. SEED + K - 1, each asking and dreaming exactly what
 the run alone with its --seed would) advance side by side in one BatchedDream, and the controller is the mean of
 their K means: still one linear controller, with less of any one evolution's luck in it.
@@ -85,7 +87,7 @@ class Args(ControllerStageArgs):
     """start each dream from the state of a replayed real decision and cut it after HORIZON decisions (as PPO
     in imagination does); the fitness is then the mean return of those stretches"""
     horizon: int = 50
-    """decisions per dream with --replay"""
+    """decisions per dream with --replay, and per dream of the --init-from-agent fit"""
     critical_weight: float = 1.0
     """with --replay, weight of the real states around a loss of the road when starts are drawn (1: uniform)"""
     critic: bool = False
@@ -107,7 +109,8 @@ class Args(ControllerStageArgs):
     """independent evolutions side by side (seeds SEED .. SEED + EVOLUTIONS - 1); the controller is the mean of their
     means (one linear controller)"""
     data_dir: Path = Path("data")
-    """real episodes whose states start the dreams with --replay (DATA_DIR/rollouts/*/)"""
+    """real episodes whose states start the dreams with --replay, and those of the --init-from-agent fit
+    (DATA_DIR/rollouts/*/)"""
 
 
 def generation_starts(starts: ReplayStarts, run_seed: int, generation: int, popsize: int,
@@ -266,9 +269,8 @@ def main(args: Args) -> None:
     if args.value_from is not None and (args.critic or args.ray_address or not args.replay):
         raise UserError("--value-from pays dreams cut by --replay, in this process: run it with --replay, "
                         "without --critic and without --ray-address")
-    if args.init_from_agent is not None and (not args.replay or args.init_dreams < 1):
-        raise UserError("--init-from-agent fits on dreams from replayed starts: run it with --replay and "
-                        "--init-dreams of at least 1")
+    if args.init_from_agent is not None and args.init_dreams < 1:
+        raise UserError("--init-from-agent fits on --init-dreams dreams: give at least 1")
     if args.critic and args.evolutions > 1:
         raise UserError("--critic is fitted on one evolution's dreams: run it with --evolutions 1")
     if not (0 < args.gamma <= 1 and 0 <= args.critic_lambda <= 1):
@@ -319,9 +321,10 @@ def main(args: Args) -> None:
 
     bank, starts = wm_checkpoint["start_bank"], None
     dream_frames = args.max_steps
-    if args.replay:
+    if args.replay or (args.init_from_agent is not None and evolutions is None):  # (the fit's dreams too)
         episodes = load_replay(args.data_dir, vae, args.ckpt_dir / "vae.pt", world_model.config.action_repeat, device)
         starts = ReplayStarts(world_model, episodes, device, critical_weight=args.critical_weight)
+    if args.replay:
         dream_frames = min(args.max_steps, args.horizon * world_model.config.action_repeat)
         print(f"dreams from {len(starts):,} replayed real states of {len(episodes)} episodes, "
               f"{args.horizon} decisions each")
@@ -364,7 +367,7 @@ def main(args: Args) -> None:
         seeds = torch.cat([generation_seeds(seed, generation, args.popsize, args.rollouts)
                            for seed in seeds_of_evolutions])  # (K * P * R,)
         z, state = None, None
-        if starts is not None:
+        if args.replay:
             z, state = map(torch.cat, zip(*[generation_starts(starts, seed, generation, args.popsize, args.rollouts)
                                             for seed in seeds_of_evolutions]))
         if args.ray_address:  # every evolution's population spread over the cluster's CPUs in one call

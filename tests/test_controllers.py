@@ -232,8 +232,9 @@ def test_value_from_pays_cut_dreams_with_a_dream_trained_critic_in_reward_units(
 def test_init_from_agent_starts_the_evolutions_at_a_linear_fit_of_the_dream_agent(tmp_path):
     """distill_linear: the linear controller fitted to a (nonlinear) dream agent's actions on its own dreams is
     closer to the agent on new dreams than the best constant action; the script starts every evolution there (with
-    a tiny step size the controller after a generation acts as the fit does) and says so, or in one line why not;
-    with --generations 0 the fit itself is the controller."""
+    a tiny step size the controller after a generation acts as the fit does), whether the evolutions dream from
+    replayed states or whole episodes, and says so, or in one line why not; with --generations 0 the fit itself is
+    the controller."""
     ckpt = make_checkpoint_dir(tmp_path)
     save_actor_critic(ckpt)
     for seed in range(2):
@@ -270,8 +271,13 @@ def test_init_from_agent_starts_the_evolutions_at_a_linear_fit_of_the_dream_agen
     with torch.no_grad():
         close = (torch.tanh(linear.linear(obs)) - target).pow(2).mean()
     assert close < 0.5 * (target - target.mean(0)).pow(2).mean(), "the evolutions started at the fit"
-    refused = run_script(*common, "--init-from-agent", str(ckpt), "--no-replay", "--fresh")
-    assert refused.returncode == 2 and "--replay" in refused.stderr and "Traceback" not in refused.stderr
+    whole = run_script(*common, "--init-from-agent", str(ckpt), "--init-dreams", "64", "--sigma0", "1e-9",
+                       "--no-replay", "--fresh")  # whole dreams to evolve in; the fit still dreams from the replays
+    assert whole.returncode == 0 and "start from the linear fit" in whole.stdout, whole.stderr
+    for key, value in load_checkpoint(controller_path(ckpt, "cmaes"))["state_dict"].items():
+        torch.testing.assert_close(value, written[key], atol=1e-5, rtol=0)
+    refused = run_script(*common, "--init-from-agent", str(ckpt), "--init-dreams", "0", "--fresh")
+    assert refused.returncode == 2 and "--init-dreams" in refused.stderr and "Traceback" not in refused.stderr
     fitted_only = run_script(*common[:-2], "--generations", "0", "--init-from-agent", str(ckpt), "--init-dreams", "64")
     assert fitted_only.returncode == 0 and "the linear fit, no generation" in fitted_only.stdout, fitted_only.stderr
     fit = load_checkpoint(controller_path(ckpt, "cmaes"))
