@@ -11,7 +11,7 @@ LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= mdn
 
-.PHONY: venv test lint train iterate dream dream-ensemble agent smoke bench chaos
+.PHONY: venv test lint train iterate dream dream-cmaes dream-ensemble agent smoke bench chaos
 
 venv: $(VENV)/.installed
 
@@ -94,6 +94,16 @@ dream: venv
 		--episodes-per-round $(DREAM_EPISODES) --snapshots $(DREAM_SNAPSHOTS) --snapshot-spacing $(DREAM_SNAPSHOT_SPACING) \
 		--env-backend $(BACKEND)
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --episodes $(EVAL_EPISODES)
+
+# The original linear controller evolved by CMA-ES in `make dream`'s last dream (run it after `make dream`): every
+# evolution starts from the linear fit of the loop's dream-trained agent (--init-from-agent, fitted on dreams from
+# the replayed real states) and is then ranked on whole dreams from the world model's episode starts (--no-replay,
+# the original's fitness), which rank controllers as the road does far better than 50-decision stretches (README).
+# DREAM_DIR gains controller_cmaes.pt and eval_cmaes.json; no real return enters.
+dream-cmaes: venv
+	$(PY) train_cmaes_in_dream.py --ckpt-dir $(DREAM_DIR) --data-dir $(DREAM_DATA) --log-dir $(LOG_DIR) \
+		--init-from-agent $(DREAM_DIR) --no-replay --sigma0 0.02 --generations 60 --rollouts 32 --eval-every 0
+	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller cmaes --episodes $(EVAL_EPISODES)
 
 # An ensemble of dream-trained controllers: the same loop again with another seed, on the first run's VAE and
 # round-0 random episodes (the same tracks and noise: copied, not driven again), then make_ensemble.py (the
