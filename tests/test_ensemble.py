@@ -8,6 +8,7 @@ import torch
 
 import cluster
 import make_ensemble
+from actor_critic import LinearController
 from agent import agent_dir_and_controller, agent_files_of, load_agent
 from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, run_script, save_actor_critic, save_linear_controller
 from rollouts import evaluate_agent
@@ -176,8 +177,8 @@ def test_play_only_copies_drop_the_critic_and_act_the_same(tmp_path, members):
 
 def test_shipped_agents_load_and_fit_the_size_limit():
     """pretrained/ plays the mean of its real-env PPO controller and run D's dream-trained one (pretrained/member1/);
-    pretrained/dream/ holds the snapshot ensemble of one dream run (rounds 13 + 9) as play-only copies; every member
-    is intact, and pretrained/ stays within its 45 MB."""
+    pretrained/dream/ holds the snapshot ensemble of one dream run (rounds 13 + 9) as play-only copies and the linear
+    controller CMA-ES evolved in round 13's dream; every member is intact, and pretrained/ stays within its 45 MB."""
     from agent import PRETRAINED_DIR
 
     assert agent_dir_and_controller(None, None) == (PRETRAINED_DIR, "ensemble")
@@ -188,4 +189,6 @@ def test_shipped_agents_load_and_fit_the_size_limit():
     assert len(agent.members) == 2 and agent.action_repeat == 4
     for controller in (PRETRAINED_DIR / "dream").rglob("controller_ppo_dream.pt"):  # the actor alone, half the size
         assert torch.load(controller, map_location="cpu", weights_only=True).get("play_only") is True
+    linear = load_agent(PRETRAINED_DIR / "dream", "cmaes")  # (checked against the dream dir's VAE and world model)
+    assert linear.action_repeat == 4 and isinstance(linear.controller, LinearController)
     assert sum(path.stat().st_size for path in PRETRAINED_DIR.rglob("*") if path.is_file()) <= 45_000_000
