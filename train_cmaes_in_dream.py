@@ -89,7 +89,8 @@ class Args(ControllerStageArgs):
     horizon: int = 50
     """decisions per dream with --replay, and per dream of the --init-from-agent fit"""
     critical_weight: float = 1.0
-    """with --replay, weight of the real states around a loss of the road when starts are drawn (1: uniform)"""
+    """weight of the real states around a loss of the road when replayed starts are drawn (with --replay, and for the
+    --init-from-agent fit) (1: uniform)"""
     critic: bool = False
     """pay each dream cut after HORIZON decisions the value of where it ends, from a critic fitted every generation
     on the population's own dreams (lambda-returns); the fitness is then the discounted return plus that value"""
