@@ -271,19 +271,22 @@ def test_init_from_agent_starts_the_evolutions_at_a_linear_fit_of_the_dream_agen
     with torch.no_grad():
         close = (torch.tanh(linear.linear(obs)) - target).pow(2).mean()
     assert close < 0.5 * (target - target.mean(0)).pow(2).mean(), "the evolutions started at the fit"
+
+    def assert_starts_at_the_fit(state_dict: dict) -> None:  # the same fit the evolutions started from, to sigma's 1e-9
+        for key, value in state_dict.items():
+            torch.testing.assert_close(value, written[key], atol=1e-5, rtol=0)
+
     whole = run_script(*common, "--init-from-agent", str(ckpt), "--init-dreams", "64", "--sigma0", "1e-9",
                        "--no-replay", "--fresh")  # whole dreams to evolve in; the fit still dreams from the replays
     assert whole.returncode == 0 and "start from the linear fit" in whole.stdout, whole.stderr
-    for key, value in load_checkpoint(controller_path(ckpt, "cmaes"))["state_dict"].items():
-        torch.testing.assert_close(value, written[key], atol=1e-5, rtol=0)
+    assert_starts_at_the_fit(load_checkpoint(controller_path(ckpt, "cmaes"))["state_dict"])
     refused = run_script(*common, "--init-from-agent", str(ckpt), "--init-dreams", "0", "--fresh")
     assert refused.returncode == 2 and "--init-dreams" in refused.stderr and "Traceback" not in refused.stderr
     fitted_only = run_script(*common[:-2], "--generations", "0", "--init-from-agent", str(ckpt), "--init-dreams", "64")
     assert fitted_only.returncode == 0 and "the linear fit, no generation" in fitted_only.stdout, fitted_only.stderr
     fit = load_checkpoint(controller_path(ckpt, "cmaes"))
     assert fit["generation"] == 0 and fit["args"]["init_from_agent"] == str(ckpt)
-    for key, value in fit["state_dict"].items():  # the same fit as the evolutions started from, to sigma's 1e-9
-        torch.testing.assert_close(value, written[key], atol=1e-5, rtol=0)
+    assert_starts_at_the_fit(fit["state_dict"])
     nothing = run_script(*common[:-2], "--generations", "0")
     assert nothing.returncode == 2 and "0 only with --init-from-agent" in nothing.stderr
 
