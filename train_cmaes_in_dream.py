@@ -338,14 +338,14 @@ def main(args: Args) -> None:
             if not isinstance(agent, ActorCritic):
                 raise UserError(f"{args.init_from_agent}/controller_ppo_dream.pt is not a PPO agent")
             x0 = distill_linear(agent, world_model, bank, starts, args.init_dreams, args.horizon, args.seed, device)
-            print(f"evolutions start from the linear fit of {args.init_from_agent}'s agent "
-                  f"on {args.init_dreams} dreams")
             if fitted_only:  # (--generations 0: no evolution; written as generation 0, nothing to resume)
                 controller.set_flat(torch.as_tensor(x0, dtype=torch.float32))
                 save_checkpoint(out_path, stage_checkpoint(config, controller, args, log_dir, generation=0,
                                                            metrics={}, best_fitness=-math.inf, **identities))
                 print(f"controller (the linear fit, no generation) in {out_path}")
                 return
+            print(f"evolutions start from the linear fit of {args.init_from_agent}'s agent "
+                  f"on {args.init_dreams} dreams")
         evolutions = [Evolution(new_es(LinearController.num_params(config.obs_dim), args, args.seed + k, x0))
                       for k in range(args.evolutions)]
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], args.evolutions * args.popsize * args.rollouts,

@@ -8,7 +8,7 @@ import torch
 
 import smoke
 from actor_critic import ControllerConfig, DreamCritic, LinearController, population_actions, squash
-from agent import controller_path, load_agent, load_controller, load_vae
+from agent import controller_path, load_agent, load_controller, load_vae_and_world_model
 from conftest import make_checkpoint_dir, make_episode, run_script, save_actor_critic, save_linear_controller
 from dream import BatchedDream, ReplayStarts, dream_fitness, load_replay
 from episodes import episode_path, save_episode
@@ -244,11 +244,9 @@ def test_init_from_agent_starts_the_evolutions_at_a_linear_fit_of_the_dream_agen
         agent.actor[-1].weight.mul_(300.0)  # a policy whose actions vary with [z, h]
     checkpoint = load_checkpoint(controller_path(ckpt, "ppo_dream"))
     save_checkpoint(controller_path(ckpt, "ppo_dream"), {**checkpoint, "state_dict": agent.state_dict()})
-    world_model = build_world_model(WorldModelConfig(**load_checkpoint(ckpt / "world_model.pt")["config"]))
-    world_model.load_state_dict(load_checkpoint(ckpt / "world_model.pt")["state_dict"])
-    vae = load_vae(ckpt / "vae.pt")[0]
+    vae, world_model, wm_checkpoint = load_vae_and_world_model(ckpt)
     starts = ReplayStarts(world_model, load_replay(tmp_path / "data", vae, ckpt / "vae.pt", 1, progress=False))
-    bank = load_checkpoint(ckpt / "world_model.pt")["start_bank"]
+    bank = wm_checkpoint["start_bank"]
     flat = distill_linear(agent, world_model, bank, starts, 256, 6, run_seed=0, device="cpu", steps=300, batch=256)
     trajectory = {}
     dream = BatchedDream(world_model, bank["mu"], bank["logvar"], 128, max_steps=6)
