@@ -19,6 +19,7 @@ carries its last reward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from envs import RealFeatureEnvs, TrainingShaping
 from utils import run_main, setup_stage
@@ -43,6 +44,9 @@ class Args(PPOArgs):
     """fast (pixel-exact CarRacing-v3, faster) or gymnasium (stock) for the training envs"""
     train_seed: int = 20_000_000
     """env i starts on track seed TRAIN_SEED + i, then draws its own tracks"""
+    init_from: Path | None = None
+    """start from this controller's weights (a controller_*.pt on CKPT_DIR's VAE and world model, e.g. a
+    dream-trained one) instead of at random; fresh optimizer and reward scaler"""
     keep_best: bool = False
     """ship the controller whose real check (EVAL_EPISODES tracks from EVAL_SEED, every EVAL_EVERY updates and at
     the end) scored best instead of the last one"""
@@ -53,7 +57,7 @@ def main(args: Args) -> None:
     shaping = TrainingShaping(args.no_progress_frames, args.off_road_penalty, args.loss_restarts)
     envs = RealFeatureEnvs(args.ckpt_dir, args.num_envs, args.env_backend, args.max_steps,
                            args.train_seed + 1000 * args.seed, device, args.workers, shaping)
-    train_ppo(args, envs, "ppo", device, keep_best=args.keep_best)
+    train_ppo(args, envs, "ppo", device, keep_best=args.keep_best, init_from=args.init_from)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from rollouts import evaluate_agent
 from utils import (
     UserError,
     checkpoint_identity,
+    load_checkpoint,
     plain,
     resume_controller_checkpoint,
     save_checkpoint,
@@ -208,7 +209,7 @@ class PPOArgs(ControllerStageArgs):
 
 
 def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_start: bool = False,
-              keep_best: bool = False) -> dict:
+              keep_best: bool = False, init_from: Path | None = None) -> dict:
     """The PPO loop shared by train_ppo.py (real envs) and train_ppo_in_dream.py (dreams).
 
     `envs`: RealFeatureEnvs, DreamFeatureEnvs or ImaginedFeatureEnvs. With `warm_start`, a <name>_latest.pt
@@ -222,16 +223,19 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_star
     returns or raises. With `keep_best` (real-env PPO only: a dream-trained controller is never picked by a real
     return), CONTROLLER_<name>.pt ends as the controller whose real check scored best (the earliest of equals),
     not the last one; the last stays in <name>_latest.pt, which also carries the best so far across a resume.
+    `init_from`: a controller_*.pt (same settings, trained on CKPT_DIR's world model) whose weights a new run
+    starts from, with a fresh optimizer and reward scaler (a resume ignores it).
     """
     if keep_best and not (args.eval_every and args.eval_episodes):
         raise UserError("keeping the best-checked controller needs real checks: --eval-every and --eval-episodes > 0")
     try:  # the envs' worker processes end with the loop, whatever way it ends
-        return _ppo_loop(args, envs, name, device, extra_eval, warm_start, keep_best)
+        return _ppo_loop(args, envs, name, device, extra_eval, warm_start, keep_best, init_from)
     finally:
         envs.close()
 
 
-def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bool, keep_best: bool) -> dict:
+def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bool, keep_best: bool,
+              init_from: Path | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from actor_critic import ActorCritic, ControllerConfig, to_env_action
@@ -272,6 +276,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
             start_update = checkpoint["update"]
             print(f"resuming from {latest_path}: update {start_update} of {updates}, "
                   f"{checkpoint['env_steps']} env steps")
+    elif init_from is not None:
+        _load_initial_controller(model, init_from, config, identities["world_model"]["sha256"], device)
     envs.skip(start_update * args.rollout_steps)  # a resumed run draws new tracks or dreams, not the ones it had
     if start_update >= updates:
         print(f"{latest_path} has already trained {start_update} updates; nothing to do")
@@ -383,6 +389,21 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
         _ship_best(best, out_path)
     print(f"controller in {out_path}")
     return metrics
+
+
+def _load_initial_controller(model, path: Path, config, world_model_sha256: str, device) -> None:
+    """Load controller PATH's weights into MODEL, checked to fit this run: the same settings, the same world
+    model's features. A play-only copy (make_ensemble.py's, no critic) leaves the critic as initialised."""
+    initial = load_checkpoint(path, map_location=device)
+    if initial["config"] != plain(config):
+        raise UserError(f"--init-from {path} was trained with {initial['config']}, not {plain(config)}")
+    if initial.get("world_model", {}).get("sha256") != world_model_sha256:
+        raise UserError(f"--init-from {path} was trained on another world model than the one in --ckpt-dir: its "
+                        "features would mean something else (copy that controller's vae.pt and world_model.pt there)")
+    missing, unexpected = model.load_state_dict(initial["state_dict"], strict=False)
+    if unexpected or any(not key.startswith("critic.") for key in missing):
+        raise UserError(f"--init-from {path} does not hold this actor-critic's weights")
+    print(f"starting from the weights of {path}" + (" (its actor; a new critic)" if missing else ""))
 
 
 def _ship_best(best: dict | None, out_path: Path) -> None:

@@ -216,9 +216,11 @@ def test_ppo_stages_checkpoint_resume_and_evaluate(tmp_path):
     assert checkpoint["config"]["action_repeat"] == 2
     assert checkpoint["world_model"]["sha256"] and checkpoint["vae"]["sha256"]
 
-    real = run_script("train_ppo.py", *common, *smoke.TINY["train_ppo"], "--eval-every", "2", "--eval-episodes", "1")
+    real = run_script("train_ppo.py", *common, *smoke.TINY["train_ppo"], "--eval-every", "2", "--eval-episodes", "1",
+                      "--init-from", str(controller_path(ckpt, "ppo_dream")))  # the real env fine-tunes it
     assert real.returncode == 0, real.stderr
     assert "update 2: real env" in real.stdout + real.stderr
+    assert "starting from the weights of" in real.stdout
     checkpoint = load_checkpoint(controller_path(ckpt, "ppo"))
     assert checkpoint["env_steps"] == 64 and checkpoint["config"]["action_repeat"] == 2, "env steps count frames"
     assert load_agent(ckpt, "ppo").action_repeat == 2
@@ -346,6 +348,41 @@ def test_keep_best_ships_the_best_checked_controller_across_a_resume(tmp_path, m
     assert shipped_update() == 5, "the resumed run's update 5 checked 12.0, above the first part's 9.0"
     with pytest.raises(UserError, match="needs real checks"):
         train_ppo(tiny_ppo_args(ckpt, tmp_path, eval_every=0), None, "ppo", torch.device("cpu"), keep_best=True)
+
+
+def test_init_from_starts_a_new_run_at_a_trained_controllers_weights(tmp_path):
+    """--init-from: a new real-env run starts from another controller's weights (a dream-trained one, say); a
+    play-only copy lends its actor and the critic starts anew; other settings or another world model are refused."""
+    model = gas_pays_world_model()
+    ckpt = make_checkpoint_dir(tmp_path, world_model=model)
+    train_ppo(tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20 * 2), tiny_dream_envs(model), "ppo_dream",
+              torch.device("cpu"))
+    trained = load_checkpoint(controller_path(ckpt, "ppo_dream"))
+
+    def start_from(path, **overrides) -> dict:
+        """One update at learning rate 0 from PATH: the weights the run started from (no latest checkpoint)."""
+        (ckpt / "ppo_latest.pt").unlink(missing_ok=True)
+        args = tiny_ppo_args(ckpt, tmp_path, total_steps=16 * 20, learning_rate=0.0, **overrides)
+        train_ppo(args, tiny_dream_envs(model), "ppo", torch.device("cpu"), init_from=path)
+        return load_checkpoint(controller_path(ckpt, "ppo"))["state_dict"]
+
+    started = start_from(controller_path(ckpt, "ppo_dream"))
+    for name, value in trained["state_dict"].items():
+        if not name.startswith("obs_norm."):  # (the observation statistics go on updating)
+            assert torch.equal(value, started[name]), name
+    play_only = tmp_path / "play_only.pt"
+    save_checkpoint(play_only, trained | {"play_only": True, "state_dict": {
+        name: value for name, value in trained["state_dict"].items() if not name.startswith("critic.")}})
+    started = start_from(play_only)
+    assert all(torch.equal(value, started[name]) for name, value in trained["state_dict"].items()
+               if name.startswith("actor."))
+    assert not torch.equal(trained["state_dict"]["critic.0.weight"], started["critic.0.weight"]), "a new critic"
+    with pytest.raises(UserError, match="was trained with"):
+        start_from(controller_path(ckpt, "ppo_dream"), hidden_dim=16)
+    other = make_checkpoint_dir(tmp_path / "other")  # another (random) world model
+    with pytest.raises(UserError, match="another world model"):
+        train_ppo(tiny_ppo_args(other, tmp_path), tiny_dream_envs(model), "ppo", torch.device("cpu"),
+                  init_from=controller_path(ckpt, "ppo_dream"))
 
 
 def test_checks_do_not_change_the_training_run(tmp_path, monkeypatch):
