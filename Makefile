@@ -11,7 +11,7 @@ LOG_DIR ?= runs
 BACKEND ?= fast
 WM_ARCH ?= mdn
 
-.PHONY: venv test lint train iterate dream dream-cmaes dream-ensemble agent smoke bench chaos
+.PHONY: venv test lint train iterate dream dream-cmaes finetune dream-ensemble agent smoke bench chaos
 
 venv: $(VENV)/.installed
 
@@ -104,6 +104,20 @@ dream-cmaes: venv
 	$(PY) train_cmaes_in_dream.py --ckpt-dir $(DREAM_DIR) --data-dir $(DREAM_DATA) --log-dir $(LOG_DIR) \
 		--init-from-agent $(DREAM_DIR) --no-replay --sigma0 0.02 --generations 60 --rollouts 32 --eval-every 0
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --controller cmaes --episodes $(EVAL_EPISODES)
+
+# The dream-trained agent polished on the real road (after make dream): real-env PPO goes on from its weights (actor
+# and critic; fresh optimizer and reward scaler) for FINETUNE_STEPS at a third of the learning rate, seeing the road
+# through the dream run's VAE and world model (copied into FINETUNE_DIR), then the 100-track evaluation. Over three
+# dream runs it gained +10.8, -3.8 and +28.1: faster, not yet more reliable (README, Results).
+FINETUNE_STEPS ?= 500000
+FINETUNE_LR ?= 0.0001
+FINETUNE_DIR ?= $(DREAM_DIR)-finetuned
+finetune: venv
+	mkdir -p $(FINETUNE_DIR)
+	cp $(DREAM_DIR)/vae.pt $(DREAM_DIR)/world_model.pt $(FINETUNE_DIR)/
+	$(PY) train_ppo.py --ckpt-dir $(FINETUNE_DIR) --log-dir $(LOG_DIR) --init-from $(DREAM_DIR)/controller_ppo_dream.pt \
+		--total-steps $(FINETUNE_STEPS) --learning-rate $(FINETUNE_LR) --eval-every 0 --seed $(SEED)
+	$(PY) evaluate.py --ckpt-dir $(FINETUNE_DIR) --controller ppo --episodes $(EVAL_EPISODES)
 
 # An ensemble of dream-trained controllers: the same loop again with another seed, on the first run's VAE and
 # round-0 random episodes (the same tracks and noise: copied, not driven again), then make_ensemble.py (the

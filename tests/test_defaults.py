@@ -49,6 +49,8 @@ def test_every_flag_says_what_it_does(script, monkeypatch):
 MAKE_OWN = {"ITER_EPISODES": "an on-policy round drives fewer new tracks than a first data set has",
             "CKPT_DIR": "evaluate.py and the watching scripts play the shipped agent by default, make what it trained",
             "ENSEMBLE_SEED": "the second run of an ensemble needs another seed than the first (the default)",
+            "FINETUNE_STEPS": "polishing a trained agent takes fewer steps than learning from zero",
+            "FINETUNE_LR": "a trained agent moves in smaller steps than one learning from zero",
             "DREAM_SNAPSHOT_SPACING": "with DREAM_SNAPSHOTS=2, rounds 13 + 9 (pretrained/dream/'s pair); the loop "
                                       "alone spaces snapshots 2 rounds, for short runs"}
 
