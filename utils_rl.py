@@ -18,12 +18,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from agent import CONTROLLER_SCRIPTS
+from agent import CONTROLLER_SCRIPTS, load_controller
 from rollouts import evaluate_agent
 from utils import (
     UserError,
     checkpoint_identity,
-    load_checkpoint,
     plain,
     resume_controller_checkpoint,
     save_checkpoint,
@@ -223,7 +222,7 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_star
     returns or raises. With `keep_best` (real-env PPO only: a dream-trained controller is never picked by a real
     return), CONTROLLER_<name>.pt ends as the controller whose real check scored best (the earliest of equals),
     not the last one; the last stays in <name>_latest.pt, which also carries the best so far across a resume.
-    `init_from`: a controller_*.pt (same settings, trained on CKPT_DIR's world model) whose weights a new run
+    `init_from`: a controller_*.pt (same settings, on CKPT_DIR's VAE and world model) whose weights a new run
     starts from, with a fresh optimizer and reward scaler (a resume ignores it).
     """
     if keep_best and not (args.eval_every and args.eval_episodes):
@@ -277,7 +276,14 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
             print(f"resuming from {latest_path}: update {start_update} of {updates}, "
                   f"{checkpoint['env_steps']} env steps")
     elif init_from is not None:
-        _load_initial_controller(model, init_from, config, identities["world_model"]["sha256"], device)
+        # (agent.load_controller checks that it saw the road through CKPT_DIR's VAE and world model; a play-only
+        # copy, make_ensemble.py's, comes with a new critic)
+        initial, initial_config = load_controller(init_from, args.ckpt_dir, args.ckpt_dir / "world_model.pt", device,
+                                                  "its training stage on these files")
+        if initial_config != config:
+            raise UserError(f"--init-from {init_from} was trained with {plain(initial_config)}, not {plain(config)}")
+        model.load_state_dict(initial.state_dict())
+        print(f"starting from the weights of {init_from}")
     envs.skip(start_update * args.rollout_steps)  # a resumed run draws new tracks or dreams, not the ones it had
     if start_update >= updates:
         print(f"{latest_path} has already trained {start_update} updates; nothing to do")
@@ -389,21 +395,6 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
         _ship_best(best, out_path)
     print(f"controller in {out_path}")
     return metrics
-
-
-def _load_initial_controller(model, path: Path, config, world_model_sha256: str, device) -> None:
-    """Load controller PATH's weights into MODEL, checked to fit this run: the same settings, the same world
-    model's features. A play-only copy (make_ensemble.py's, no critic) leaves the critic as initialised."""
-    initial = load_checkpoint(path, map_location=device)
-    if initial["config"] != plain(config):
-        raise UserError(f"--init-from {path} was trained with {initial['config']}, not {plain(config)}")
-    if initial.get("world_model", {}).get("sha256") != world_model_sha256:
-        raise UserError(f"--init-from {path} was trained on another world model than the one in --ckpt-dir: its "
-                        "features would mean something else (copy that controller's vae.pt and world_model.pt there)")
-    missing, unexpected = model.load_state_dict(initial["state_dict"], strict=False)
-    if unexpected or any(not key.startswith("critic.") for key in missing):
-        raise UserError(f"--init-from {path} does not hold this actor-critic's weights")
-    print(f"starting from the weights of {path}" + (" (its actor; a new critic)" if missing else ""))
 
 
 def _ship_best(best: dict | None, out_path: Path) -> None:
