@@ -1,6 +1,6 @@
 """PPO in the real CarRacing-v3 on the agent's features [z, h] (frozen VAE and world model, h carried online).
 
-Reads:  CKPT_DIR/vae.pt and world_model.pt.
+Reads:  CKPT_DIR/vae.pt and world_model.pt (and with --init-from, the controller a new run starts from).
 Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the identities of the VAE
         and world model it saw the world through; with --keep-best, once trained, the one whose real check
         scored best), CKPT_DIR/ppo_latest.pt (plus optimizer and reward scaler: re-running resumes),
