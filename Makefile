@@ -92,7 +92,7 @@ dream: venv
 	if [ -f $(CKPT_DIR)/vae.pt ]; then cp -n $(CKPT_DIR)/vae.pt $(DREAM_DIR)/; fi
 	$(PY) train_dream_loop.py --data-dir $(DREAM_DATA) --ckpt-dir $(DREAM_DIR) --log-dir $(LOG_DIR) --rounds $(DREAM_ROUNDS) \
 		--episodes-per-round $(DREAM_EPISODES) --snapshots $(DREAM_SNAPSHOTS) --snapshot-spacing $(DREAM_SNAPSHOT_SPACING) \
-		--env-backend $(BACKEND)
+		--env-backend $(BACKEND) --seed $(SEED)
 	$(PY) evaluate.py --ckpt-dir $(DREAM_DIR) --episodes $(EVAL_EPISODES)
 
 # The original linear controller evolved by CMA-ES in `make dream`'s last dream (run it after `make dream`): every
