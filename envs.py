@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from actor_critic import ACTION_HIGH, ACTION_LOW
-from agent import FeatureTracker, load_vae_and_world_model
+from agent import FeatureTracker, load_controller, load_vae_and_world_model, load_world_model
 from fast_car_racing import make_fast_env
-from utils import FRAME_SIZE, UserError, preprocess_frame
+from utils import FRAME_SIZE, UserError, checkpoint_identity, preprocess_frame
 
 ENV_ID = "CarRacing-v3"
 
@@ -347,17 +347,36 @@ class RealFeatureEnvs:
     Same-step autoreset: the step that ends an episode returns the next episode's first observation,
     and that step's reward and flags; `final_obs` then holds, for the envs that ended, the features of
     the episode's last frame (to bootstrap a truncated episode's value). Torch tensors in and out.
+
+    With PARTNER (a trained controller_*.pt, its world model the world_model.pt beside it, both seen through
+    CKPT_DIR's VAE) the action taken is the mean of the given action and the partner's deterministic one, as
+    `Agent` plays a two-member ensemble: the controller being trained learns its part of that pair, with the
+    partner, frozen, as part of the env. Both memories h remember the action taken; `partner_identity` names the
+    partner's files (None without one).
     """
 
     kind = "real"
 
     def __init__(self, ckpt_dir: Path, num_envs: int, backend: str = "fast", max_steps: int = 1000, seed: int = 0,
-                 device="cpu", workers: int = 2, shaping: TrainingShaping = TrainingShaping()):
+                 device="cpu", workers: int = 2, shaping: TrainingShaping = TrainingShaping(),
+                 partner: Path | None = None):
         vae, world_model, _ = load_vae_and_world_model(Path(ckpt_dir), device)
         action_repeat = world_model.config.action_repeat
         self.num_envs, self.seed, self.device, self.action_repeat = num_envs, seed, device, action_repeat
         self.obs_dim = world_model.controller_input_dim
         self.features = FeatureTracker(vae, world_model, num_envs, device)
+        self.partner, self.partner_identity = None, None  # (FeatureTracker, controller), the files' identities
+        if partner is not None:
+            partner_world_model_path = Path(partner).parent / "world_model.pt"
+            partner_world_model, _ = load_world_model(partner_world_model_path, device)
+            controller, config = load_controller(Path(partner), Path(ckpt_dir), partner_world_model_path, device,
+                                                 "its training stage, on this VAE")
+            if config.action_repeat != action_repeat:
+                raise UserError(f"the partner {partner} decides every {config.action_repeat} frames, the world model "
+                                f"of {ckpt_dir} every {action_repeat}: an ensemble's members share one clock")
+            self.partner = (FeatureTracker(vae, partner_world_model, num_envs, device), controller)
+            self.partner_identity = {"controller": checkpoint_identity(Path(partner)),
+                                     "world_model": checkpoint_identity(partner_world_model_path)}
         self.envs = ProcessVectorEnv(num_envs, backend, max_steps, workers, action_repeat, shaping)
 
     def skip(self, decisions: int) -> None:
@@ -367,10 +386,22 @@ class RealFeatureEnvs:
     def reset(self) -> torch.Tensor:
         frames = self.envs.reset(self.seed)
         self.features.reset()
-        return self.features.observe(frames)
+        if self.partner is not None:
+            self.partner[0].reset()
+        return self._observe(frames)
+
+    def _observe(self, frames: np.ndarray) -> torch.Tensor:
+        """[z, h] of the frames for the controller being trained (the partner's own [z, h] kept for its action)."""
+        obs = self.features.observe(frames)
+        if self.partner is not None:
+            self.partner_obs = self.partner[0].observe(frames, self.features.z)  # (one VAE: z encoded once)
+        return obs
 
     def step(self, actions: torch.Tensor):
         """actions (N, 3) -> obs (N, D), reward (N,), terminated (N,), truncated (N,), final_obs (N, D)."""
+        if self.partner is not None:  # the pair's action: the mean of the two (make_ensemble.py's equal weights)
+            with torch.no_grad():
+                actions = (actions.to(self.device) + self.partner[1](self.partner_obs)) / 2
         frames, reward, terminated, truncated, last_frames = self.envs.step(actions.cpu().numpy())
         self.features.remember(actions)
         done = torch.from_numpy(terminated | truncated)
@@ -379,7 +410,10 @@ class RealFeatureEnvs:
             final_obs = self.features.world_model.controller_input(self.features.encode(last_frames),
                                                                    self.features.state)
         self.features.reset(done)
-        obs = self.features.observe(frames)
+        if self.partner is not None:
+            self.partner[0].remember(actions)
+            self.partner[0].reset(done)
+        obs = self._observe(frames)
         final_obs = obs if final_obs is None else torch.where(done[:, None].to(obs.device), final_obs, obs)
         return (obs, torch.as_tensor(reward, dtype=torch.float32), torch.from_numpy(terminated),
                 torch.from_numpy(truncated), final_obs)

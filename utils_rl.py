@@ -208,7 +208,7 @@ class PPOArgs(ControllerStageArgs):
 
 
 def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_start: bool = False,
-              keep_best: bool = False, init_from: Path | None = None) -> dict:
+              keep_best: bool = False, init_from: Path | None = None, partner: dict | None = None) -> dict:
     """The PPO loop shared by train_ppo.py (real envs) and train_ppo_in_dream.py (dreams).
 
     `envs`: RealFeatureEnvs, DreamFeatureEnvs or ImaginedFeatureEnvs. With `warm_start`, a <name>_latest.pt
@@ -223,18 +223,20 @@ def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_star
     return), CONTROLLER_<name>.pt ends as the controller whose real check scored best (the earliest of equals),
     not the last one; the last stays in <name>_latest.pt, which also carries the best so far across a resume.
     `init_from`: a controller_*.pt (same settings, on CKPT_DIR's VAE and world model) whose weights a new run
-    starts from, with a fresh optimizer and reward scaler (a resume ignores it).
+    starts from, with a fresh optimizer and reward scaler (a resume ignores it). `partner`: the identities of the
+    frozen controller and world model whose actions the envs mix with this one's (RealFeatureEnvs' partner),
+    recorded in the checkpoints; a run resumes only beside the same partner.
     """
     if keep_best and not (args.eval_every and args.eval_episodes):
         raise UserError("keeping the best-checked controller needs real checks: --eval-every and --eval-episodes > 0")
     try:  # the envs' worker processes end with the loop, whatever way it ends
-        return _ppo_loop(args, envs, name, device, extra_eval, warm_start, keep_best, init_from)
+        return _ppo_loop(args, envs, name, device, extra_eval, warm_start, keep_best, init_from, partner)
     finally:
         envs.close()
 
 
 def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bool, keep_best: bool,
-              init_from: Path | None) -> dict:
+              init_from: Path | None, partner: dict | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from actor_critic import ActorCritic, ControllerConfig, to_env_action
@@ -250,6 +252,8 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                         "at least 1")
     identities = {"vae": checkpoint_identity(args.ckpt_dir / "vae.pt"),
                   "world_model": checkpoint_identity(args.ckpt_dir / "world_model.pt")}
+    if partner is not None:
+        identities["partner"] = partner
     config = ControllerConfig(kind="actor_critic", obs_dim=envs.obs_dim, hidden_dim=args.hidden_dim,
                               distribution=args.distribution, action_repeat=envs.action_repeat)
     model = ActorCritic(config).to(device)
@@ -264,6 +268,9 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                                               config, CONTROLLER_SCRIPTS[name], device, warm_start)
     # keep_best: {"real_return", "update", "controller": the controller checkpoint of that update}
     best = checkpoint.get("best_check") if checkpoint and not checkpoint.get("warm_start") else None
+    if checkpoint and not checkpoint.get("warm_start") and checkpoint.get("partner") != partner:
+        raise UserError(f"{latest_path} was trained beside {(checkpoint.get('partner') or {}).get('controller')}, "
+                        f"not {(partner or {}).get('controller')}: the same --partner, or --fresh")
     if checkpoint:
         model.load_state_dict(checkpoint.get("trained_state_dict", checkpoint["state_dict"]))  # (raw, if averaged)
         if averaged is not None and "averaged_model" in checkpoint and not checkpoint.get("warm_start"):

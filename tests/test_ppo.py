@@ -385,6 +385,86 @@ def test_init_from_starts_a_new_run_at_a_trained_controllers_weights(tmp_path):
                   init_from=controller_path(ckpt, "ppo_dream"))
 
 
+def save_partner(ckpt, partner_dir, seed: int = 9):
+    """A random PPO controller with a world model of its own (another GRU), seen through CKPT's VAE, as a partner."""
+    from conftest import TINY_WORLD_MODEL
+    from utils import checkpoint_identity, plain
+    from world_model import WorldModelConfig, build_world_model
+
+    torch.manual_seed(seed)
+    model = build_world_model(WorldModelConfig(arch="gru", **TINY_WORLD_MODEL))
+    save_checkpoint(partner_dir / "world_model.pt", {"config": plain(model.config), "state_dict": model.state_dict(),
+                                                     "vae": checkpoint_identity(ckpt / "vae.pt")})
+    config = ControllerConfig(kind="actor_critic", obs_dim=model.controller_input_dim, hidden_dim=32)
+    controller = ActorCritic(config)
+    with torch.no_grad():
+        controller.actor[-1].weight.normal_(0, 1.0)  # decided actions, not the initial policy's near-constant one
+    path = controller_path(partner_dir, "ppo_dream")
+    save_checkpoint(path, {"config": plain(config), "state_dict": controller.state_dict(),
+                           "vae": checkpoint_identity(ckpt / "vae.pt"),
+                           "world_model": checkpoint_identity(partner_dir / "world_model.pt")})
+    return path
+
+
+def test_a_partner_shares_each_action_as_the_pair_plays(tmp_path):
+    """With a partner the envs take the mean of the given action and the partner's deterministic one: the same
+    frames and rewards as envs without it given that mean; both memories remember it and restart with each episode."""
+    from agent import load_controller
+
+    ckpt = make_checkpoint_dir(tmp_path)
+    partner = save_partner(ckpt, tmp_path / "partner")
+    partner_controller, _ = load_controller(partner, ckpt, partner.parent / "world_model.pt")
+    paired = RealFeatureEnvs(ckpt, num_envs=2, max_steps=4, seed=5, workers=1, partner=partner)
+    alone = RealFeatureEnvs(ckpt, num_envs=2, max_steps=4, seed=5, workers=1)
+    try:
+        assert paired.partner_identity["controller"]["path"] == str(partner) and alone.partner_identity is None
+        assert torch.equal(paired.reset(), alone.reset())
+        given = torch.tensor([[0.8, 1.0, 0.0], [-0.6, 0.2, 0.3]])
+        for step in range(4):
+            with torch.no_grad():
+                partner_action = partner_controller(paired.partner_obs)
+            assert not torch.allclose(partner_action, given, atol=0.05)
+            assert not torch.equal(paired.partner_obs[:, 4:], paired.features.world_model.controller_input(
+                paired.features.z, paired.features.state)[:, 4:]) or step == 0, "its own memory h"
+            obs, reward, terminated, truncated, final_obs = paired.step(given)
+            expected = alone.step((given + partner_action) / 2)
+            assert torch.equal(obs, expected[0]) and torch.equal(reward, expected[1])
+            assert torch.equal(final_obs, expected[4])
+            if step < 3:
+                assert torch.all(paired.partner_obs[:, 4:] != 0), "the partner's h remembers the action taken"
+        assert truncated.all() and torch.all(paired.partner_obs[:, 4:] == 0), "a new episode, a fresh memory"
+    finally:
+        paired.close(), alone.close()
+
+
+def test_train_ppo_with_a_partner_trains_its_part_and_writes_the_pair(tmp_path):
+    """train_ppo.py --partner: the checks play the pair, CKPT_DIR ends with the pair as its ensemble, the checkpoint
+    names the partner, and a resume beside another partner, --keep-best and a non-controller file are refused."""
+    from utils import file_sha256
+
+    ckpt = make_checkpoint_dir(tmp_path)
+    partner = save_partner(ckpt, tmp_path / "partner")
+    common = ["--ckpt-dir", str(ckpt), "--log-dir", str(tmp_path / "runs"), *smoke.TINY["train_ppo"]]
+    run = run_script("train_ppo.py", *common, "--eval-every", "2", "--eval-episodes", "1", "--partner", str(partner))
+    assert run.returncode == 0, run.stderr
+    assert "pair real return" in run.stdout + run.stderr
+    checkpoint = load_checkpoint(controller_path(ckpt, "ppo"))
+    assert checkpoint["partner"]["controller"]["sha256"] == file_sha256(partner)
+    pair = load_agent(ckpt, "ensemble")
+    assert len(pair.members) == 2
+    assert torch.equal(pair.members[1][1].state_dict()["actor.4.weight"],
+                       load_checkpoint(partner)["state_dict"]["actor.4.weight"])
+    other = save_partner(ckpt, tmp_path / "other", seed=10)
+    resumed = run_script("train_ppo.py", *common, "--total-steps", "128", "--partner", str(other))
+    assert resumed.returncode != 0 and "trained beside" in resumed.stderr
+    alone = run_script("train_ppo.py", *common, "--total-steps", "128")
+    assert alone.returncode != 0 and "trained beside" in alone.stderr
+    for flags, message in ((["--partner", str(partner), "--keep-best"], "not with --partner"),
+                           (["--partner", str(ckpt / "vae.pt")], "not a controller_<name>.pt")):
+        refused = run_script("train_ppo.py", *common, "--fresh", *flags)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr
+
+
 def test_checks_do_not_change_the_training_run(tmp_path, monkeypatch):
     """A real check builds models to play (drawing from torch's generator); training's own draws must not move,
     so that one --seed gives one run however often it is checked."""
