@@ -9,7 +9,7 @@ Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the
         variance, steps/s, and the deterministic policy's real score on EVAL_EPISODES fixed check tracks
         every EVAL_EVERY updates). With --partner also CKPT_DIR/controller_ensemble.pt and CKPT_DIR/member1/
         (make_ensemble.py: the pair the controller was trained in, what evaluate.py then plays by default; the
-        checks play the pair too).
+        checks play the pair as well as the controller alone).
 
 NUM_ENVS envs run in WORKERS processes (a gymnasium SyncVectorEnv in each, same-step autoreset); each
 decision is held for ACTION_REPEAT frames there (only the last one drawn), its frame preprocessed there,

@@ -268,7 +268,7 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
                                               config, CONTROLLER_SCRIPTS[name], device, warm_start)
     # keep_best: {"real_return", "update", "controller": the controller checkpoint of that update}
     best = checkpoint.get("best_check") if checkpoint and not checkpoint.get("warm_start") else None
-    if checkpoint and not checkpoint.get("warm_start") and checkpoint.get("partner") != partner:
+    if checkpoint and not checkpoint.get("warm_start") and _hashes(checkpoint.get("partner")) != _hashes(partner):
         raise UserError(f"{latest_path} was trained beside {(checkpoint.get('partner') or {}).get('controller')}, "
                         f"not {(partner or {}).get('controller')}: the same --partner, or --fresh")
     if checkpoint:
@@ -402,6 +402,11 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
         _ship_best(best, out_path)
     print(f"controller in {out_path}")
     return metrics
+
+
+def _hashes(identities: dict | None) -> dict | None:
+    """{part: sha256} of a checkpoint's identities (the same files wherever they lie)."""
+    return {part: identity["sha256"] for part, identity in identities.items()} if identities else None
 
 
 def _ship_best(best: dict | None, out_path: Path) -> None:
