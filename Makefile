@@ -119,10 +119,10 @@ finetune: venv
 		--total-steps $(FINETUNE_STEPS) --learning-rate $(FINETUNE_LR) --eval-every 0 --seed $(SEED)
 	$(PY) evaluate.py --ckpt-dir $(FINETUNE_DIR) --controller ppo --episodes $(EVAL_EPISODES)
 
-# An ensemble of dream-trained controllers: the same loop again with another seed, on the first run's VAE and
+# An ensemble of dream-trained controllers: the same loop again with seed SEED + 1, on the first run's VAE and
 # round-0 random episodes (the same tracks and noise: copied, not driven again), then make_ensemble.py (the
 # mean of the two controllers' actions, each with its own world model) and the 100-track evaluation.
-ENSEMBLE_SEED ?= 1
+ENSEMBLE_SEED ?= $(shell echo $$(( $(SEED) + 1 )))
 ENSEMBLE_DIR ?= $(DREAM_DIR)-ensemble
 SEED_DIR ?= $(DREAM_DIR)-seed$(ENSEMBLE_SEED)
 SEED_DATA ?= $(DREAM_DATA)-seed$(ENSEMBLE_SEED)

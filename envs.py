@@ -371,9 +371,10 @@ class RealFeatureEnvs:
             partner_world_model, _ = load_world_model(partner_world_model_path, device)
             controller, config = load_controller(Path(partner), Path(ckpt_dir), partner_world_model_path, device,
                                                  "its training stage, on this VAE")
-            if config.action_repeat != action_repeat:
-                raise UserError(f"the partner {partner} decides every {config.action_repeat} frames, the world model "
-                                f"of {ckpt_dir} every {action_repeat}: an ensemble's members share one clock")
+            if {config.action_repeat, partner_world_model.config.action_repeat} != {action_repeat}:
+                raise UserError(f"the partner {partner} and its world model decide every {config.action_repeat} and "
+                                f"{partner_world_model.config.action_repeat} frames, the world model of {ckpt_dir} "
+                                f"every {action_repeat}: an ensemble's members share one clock")
             self.partner = (FeatureTracker(vae, partner_world_model, num_envs, device), controller)
             self.partner_identity = {"controller": checkpoint_identity(Path(partner)),
                                      "world_model": checkpoint_identity(partner_world_model_path)}

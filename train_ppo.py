@@ -8,8 +8,9 @@ Writes: CKPT_DIR/controller_ppo.pt (the actor-critic after each update, with the
         TensorBoard logs under LOG_DIR/ppo-<time>/ (training episode returns, losses, KL, explained
         variance, steps/s, and the deterministic policy's real score on EVAL_EPISODES fixed check tracks
         every EVAL_EVERY updates). With --partner also CKPT_DIR/controller_ensemble.pt and CKPT_DIR/member1/
-        (make_ensemble.py: the pair the controller was trained in, what evaluate.py then plays by default; the
-        checks play the pair as well as the controller alone).
+        (make_ensemble.py: the pair the controller was trained in, what evaluate.py then plays by default; a
+        partner in a subdir of CKPT_DIR is named where it lies, not copied; the checks play the pair as well as
+        the controller alone).
 
 NUM_ENVS envs run in WORKERS processes (a gymnasium SyncVectorEnv in each, same-step autoreset); each
 decision is held for ACTION_REPEAT frames there (only the last one drawn), its frame preprocessed there,
@@ -82,6 +83,9 @@ def partner_name(path: Path) -> str:
 def main(args: Args) -> None:
     if args.partner is not None:
         partner_name(args.partner)
+        if args.partner.resolve().parent == args.ckpt_dir.resolve():
+            raise UserError(f"--partner {args.partner} lies in --ckpt-dir, whose world model and controller_ppo.pt "
+                            "are this run's: give the partner a dir of its own (or a subdir, as make dream's)")
         if args.keep_best:
             raise UserError("--keep-best picks by the controller's own checks, not the pair's: not with --partner")
     device = setup_stage(args)

@@ -269,8 +269,11 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
     # keep_best: {"real_return", "update", "controller": the controller checkpoint of that update}
     best = checkpoint.get("best_check") if checkpoint and not checkpoint.get("warm_start") else None
     if checkpoint and not checkpoint.get("warm_start") and _hashes(checkpoint.get("partner")) != _hashes(partner):
-        raise UserError(f"{latest_path} was trained beside {(checkpoint.get('partner') or {}).get('controller')}, "
-                        f"not {(partner or {}).get('controller')}: the same --partner, or --fresh")
+        def named(identities: dict | None) -> str:
+            return identities["controller"]["path"] if identities else "no partner"
+
+        raise UserError(f"{latest_path} was trained beside {named(checkpoint.get('partner'))}, not "
+                        f"{named(partner)}: the same --partner, or --fresh")
     if checkpoint:
         model.load_state_dict(checkpoint.get("trained_state_dict", checkpoint["state_dict"]))  # (raw, if averaged)
         if averaged is not None and "averaged_model" in checkpoint and not checkpoint.get("warm_start"):

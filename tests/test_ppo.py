@@ -408,38 +408,47 @@ def save_partner(ckpt, partner_dir, seed: int = 9):
 
 def test_a_partner_shares_each_action_as_the_pair_plays(tmp_path):
     """With a partner the envs take the mean of the given action and the partner's deterministic one: the same
-    frames and rewards as envs without it given that mean; both memories remember it and restart with each episode."""
-    from agent import load_controller
+    frames and rewards as envs without it given that mean; the partner sees [z, h] of its own world model, whose
+    memory steps on that mean (as agent.Agent plays the pair) and restarts with each episode."""
+    from agent import FeatureTracker, load_controller, load_world_model
 
     ckpt = make_checkpoint_dir(tmp_path)
     partner = save_partner(ckpt, tmp_path / "partner")
     partner_controller, _ = load_controller(partner, ckpt, partner.parent / "world_model.pt")
+    vae, _, _ = load_vae_and_world_model(ckpt)
+    partner_memory = FeatureTracker(vae, load_world_model(partner.parent / "world_model.pt")[0], 2)  # kept here
     paired = RealFeatureEnvs(ckpt, num_envs=2, max_steps=4, seed=5, workers=1, partner=partner)
     alone = RealFeatureEnvs(ckpt, num_envs=2, max_steps=4, seed=5, workers=1)
     try:
         assert paired.partner_identity["controller"]["path"] == str(partner) and alone.partner_identity is None
         assert torch.equal(paired.reset(), alone.reset())
         given = torch.tensor([[0.8, 1.0, 0.0], [-0.6, 0.2, 0.3]])
-        for step in range(4):
+        for step in range(6):  # (the episodes end after step 3 and start again)
+            partner_obs = partner_memory.observe(None, paired.features.z)  # (the shared z of the current frames)
+            assert torch.equal(paired.partner_obs, partner_obs)
             with torch.no_grad():
-                partner_action = partner_controller(paired.partner_obs)
+                partner_action = partner_controller(partner_obs)
             assert not torch.allclose(partner_action, given, atol=0.05)
-            assert not torch.equal(paired.partner_obs[:, 4:], paired.features.world_model.controller_input(
-                paired.features.z, paired.features.state)[:, 4:]) or step == 0, "its own memory h"
             obs, reward, terminated, truncated, final_obs = paired.step(given)
             expected = alone.step((given + partner_action) / 2)
             assert torch.equal(obs, expected[0]) and torch.equal(reward, expected[1])
-            assert torch.equal(final_obs, expected[4])
-            if step < 3:
+            assert torch.equal(final_obs, expected[4]) and torch.equal(truncated, expected[3])
+            partner_memory.remember((given + partner_action) / 2)
+            partner_memory.reset(truncated | terminated)
+            if step == 3:
+                assert truncated.all() and torch.all(paired.partner_obs[:, 4:] == 0), "a new episode, a fresh memory"
+            else:
                 assert torch.all(paired.partner_obs[:, 4:] != 0), "the partner's h remembers the action taken"
-        assert truncated.all() and torch.all(paired.partner_obs[:, 4:] == 0), "a new episode, a fresh memory"
     finally:
         paired.close(), alone.close()
 
 
 def test_train_ppo_with_a_partner_trains_its_part_and_writes_the_pair(tmp_path):
-    """train_ppo.py --partner: the checks play the pair, CKPT_DIR ends with the pair as its ensemble, the checkpoint
-    names the partner, and a resume beside another partner, --keep-best and a non-controller file are refused."""
+    """train_ppo.py --partner: the checks play the pair, CKPT_DIR ends with the pair as its ensemble (equal weights),
+    the checkpoint names the partner, a copy of it elsewhere resumes the run, and a resume beside another partner or
+    none, --keep-best, a non-controller file and a partner in CKPT_DIR itself are refused."""
+    import shutil
+
     from utils import file_sha256
 
     ckpt = make_checkpoint_dir(tmp_path)
@@ -451,16 +460,23 @@ def test_train_ppo_with_a_partner_trains_its_part_and_writes_the_pair(tmp_path):
     checkpoint = load_checkpoint(controller_path(ckpt, "ppo"))
     assert checkpoint["partner"]["controller"]["sha256"] == file_sha256(partner)
     pair = load_agent(ckpt, "ensemble")
-    assert len(pair.members) == 2
-    assert torch.equal(pair.members[1][1].state_dict()["actor.4.weight"],
-                       load_checkpoint(partner)["state_dict"]["actor.4.weight"])
+    assert len(pair.members) == 2 and torch.equal(pair.weights.flatten(), torch.tensor([0.5, 0.5]))
+    for (_, member), path in zip(pair.members, (controller_path(ckpt, "ppo"), partner)):
+        assert torch.equal(member.state_dict()["actor.4.weight"], load_checkpoint(path)["state_dict"]["actor.4.weight"])
+    moved = shutil.copytree(partner.parent, tmp_path / "moved") / partner.name  # the same files elsewhere
+    resumed = run_script("train_ppo.py", *common, "--total-steps", "128", "--partner", str(moved))
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+    trained = load_checkpoint(controller_path(ckpt, "ppo"))
+    assert trained["update"] == 8 and load_agent(ckpt, "ensemble").members[0][1].state_dict()["actor.4.weight"].equal(
+        trained["state_dict"]["actor.4.weight"]), "the pair written again at the end, without checks"
     other = save_partner(ckpt, tmp_path / "other", seed=10)
-    resumed = run_script("train_ppo.py", *common, "--total-steps", "128", "--partner", str(other))
+    resumed = run_script("train_ppo.py", *common, "--total-steps", "192", "--partner", str(other))
     assert resumed.returncode != 0 and "trained beside" in resumed.stderr
-    alone = run_script("train_ppo.py", *common, "--total-steps", "128")
-    assert alone.returncode != 0 and "trained beside" in alone.stderr
+    alone = run_script("train_ppo.py", *common, "--total-steps", "192")
+    assert alone.returncode != 0 and "not no partner" in alone.stderr
     for flags, message in ((["--partner", str(partner), "--keep-best"], "not with --partner"),
-                           (["--partner", str(ckpt / "vae.pt")], "not a controller_<name>.pt")):
+                           (["--partner", str(ckpt / "vae.pt")], "not a controller_<name>.pt"),
+                           (["--partner", str(controller_path(ckpt, "ppo"))], "lies in --ckpt-dir")):
         refused = run_script("train_ppo.py", *common, "--fresh", *flags)
         assert refused.returncode != 0 and message in refused.stderr, refused.stderr
 
