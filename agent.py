@@ -231,6 +231,21 @@ def agent_files_of(ckpt_dir: Path, controller: str) -> list[Path]:
     return files
 
 
+def load_member(path: Path, world_model_path: Path, ckpt_dir: Path, device="cpu", script: str = "",
+                loaded: tuple | None = None) -> tuple:
+    """One (world model, controller) member of an agent: the controller of PATH checked against CKPT_DIR/vae.pt and
+    WORLD_MODEL_PATH (LOADED: that world model and its checkpoint, if already loaded), and both on one clock:
+    (world model, controller, its config)."""
+    world_model, wm_checkpoint = loaded or load_world_model(world_model_path, device)
+    model, config = load_controller(path, ckpt_dir, world_model_path, device, script)
+    # one clock: the controller decides at the world model's rate (a world model saved before the rate was
+    # recorded does not say it, and the controller's own is taken)
+    if "action_repeat" in wm_checkpoint["config"] and config.action_repeat != world_model.config.action_repeat:
+        raise UserError(f"{path} decides every {config.action_repeat} frames but {world_model_path} "
+                        f"steps every {world_model.config.action_repeat}: re-run {script}")
+    return world_model, model, config
+
+
 def load_agent(ckpt_dir: Path, controller: str, device="cpu", noise: float = 0.0) -> Agent:
     """The one way every consumer builds an agent; a mismatch of any part is a UserError."""
     if controller not in CONTROLLER_SCRIPTS:
@@ -244,14 +259,8 @@ def load_agent(ckpt_dir: Path, controller: str, device="cpu", noise: float = 0.0
         files = [(ckpt_dir / "world_model.pt", controller_path(ckpt_dir, controller), 1.0)]
     members, action_repeats = [], set()
     for world_model_path, path, _ in files:
-        world_model, wm_checkpoint = (dir_world_model if world_model_path == ckpt_dir / "world_model.pt"
-                                      else load_world_model(world_model_path, device))
-        model, config = load_controller(path, ckpt_dir, world_model_path, device, script)
-        # one clock: the controller decides at the world model's rate (a world model saved before the rate was
-        # recorded does not say it, and the controller's own is taken)
-        if "action_repeat" in wm_checkpoint["config"] and config.action_repeat != world_model.config.action_repeat:
-            raise UserError(f"{path} decides every {config.action_repeat} frames but {world_model_path} "
-                            f"steps every {world_model.config.action_repeat}: re-run {script}")
+        loaded = dir_world_model if world_model_path == ckpt_dir / "world_model.pt" else None
+        world_model, model, config = load_member(path, world_model_path, ckpt_dir, device, script, loaded)
         members.append((world_model, model))
         action_repeats.add(config.action_repeat)
     if len(action_repeats) > 1:

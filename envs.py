@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from actor_critic import ACTION_HIGH, ACTION_LOW
-from agent import FeatureTracker, load_controller, load_vae_and_world_model, load_world_model
+from agent import FeatureTracker, load_member, load_vae_and_world_model
 from fast_car_racing import make_fast_env
 from utils import FRAME_SIZE, UserError, checkpoint_identity, preprocess_frame
 
@@ -368,13 +368,11 @@ class RealFeatureEnvs:
         self.partner, self.partner_identity = None, None  # (FeatureTracker, controller), the files' identities
         if partner is not None:
             partner_world_model_path = Path(partner).parent / "world_model.pt"
-            partner_world_model, _ = load_world_model(partner_world_model_path, device)
-            controller, config = load_controller(Path(partner), Path(ckpt_dir), partner_world_model_path, device,
-                                                 "its training stage, on this VAE")
-            if {config.action_repeat, partner_world_model.config.action_repeat} != {action_repeat}:
-                raise UserError(f"the partner {partner} and its world model decide every {config.action_repeat} and "
-                                f"{partner_world_model.config.action_repeat} frames, the world model of {ckpt_dir} "
-                                f"every {action_repeat}: an ensemble's members share one clock")
+            partner_world_model, controller, config = load_member(Path(partner), partner_world_model_path,
+                                                                  Path(ckpt_dir), device, "its training stage")
+            if config.action_repeat != action_repeat:
+                raise UserError(f"the partner {partner} decides every {config.action_repeat} frames, the world model "
+                                f"of {ckpt_dir} every {action_repeat}: an ensemble's members share one clock")
             self.partner = (FeatureTracker(vae, partner_world_model, num_envs, device), controller)
             self.partner_identity = {"controller": checkpoint_identity(Path(partner)),
                                      "world_model": checkpoint_identity(partner_world_model_path)}
