@@ -51,6 +51,8 @@ class Args(StageArgs):
     """size of z, the VAE's latent"""
     kl_tolerance: float = 0.5
     """free bits per latent dim (0 disables the floor)"""
+    dashboard_weight: float = 1.0
+    """weight of the dashboard rows (speed, ABS, steering, gyro gauges) in the reconstruction loss; 1 = the original"""
     val_percent: float = 5.0
     """share of episodes held out for validation (split by episode, stable as data grows)"""
     val_frames: int = 2048
@@ -73,7 +75,7 @@ def train_step(model: ConvVAE, optimizer: torch.optim.Optimizer, frames: np.ndar
 def evaluate(model: ConvVAE, frames: np.ndarray, device, batch_size: int = 256) -> dict[str, float]:
     """Mean validation figures over `frames`, decoding mu (deterministic)."""
     model.eval()
-    totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    totals = {"loss": 0.0, "recon": 0.0, "dashboard": 0.0, "kl": 0.0}
     for start in range(0, len(frames), batch_size):
         batch = frames[start:start + batch_size]
         losses = model.loss(ConvVAE.to_input(torch.from_numpy(batch).to(device)), sample=False)
@@ -106,7 +108,8 @@ def main(args: Args) -> None:
     device = setup_stage(args)
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
-    config = ConvVAEConfig(latent_dim=args.latent_dim, kl_tolerance=args.kl_tolerance)
+    config = ConvVAEConfig(latent_dim=args.latent_dim, kl_tolerance=args.kl_tolerance,
+                           dashboard_weight=args.dashboard_weight)
     model = ConvVAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     latest_path, best_path = args.ckpt_dir / "vae_latest.pt", args.ckpt_dir / "vae.pt"
@@ -168,7 +171,8 @@ def main(args: Args) -> None:
                                       best_val_loss=best_val)
         save_stage(best_path, latest_path, checkpoint, {"optimizer": optimizer.state_dict()}, write_out=improved)
         print(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.2f}, val loss {val['loss']:.2f} "
-              f"(recon {val['recon']:.2f}, kl {val['kl']:.2f}), {metrics['img_per_s']:.0f} img/s, "
+              f"(recon {val['recon']:.2f}, of which the dashboard {val['dashboard']:.2f}; kl {val['kl']:.2f}), "
+              f"{metrics['img_per_s']:.0f} img/s, "
               f"{epoch_seconds:.0f}s{'; saved ' + str(best_path) if improved else ''}")
     writer.close()
     print(f"best val loss {best_val:.2f} in {best_path}; reconstructions in {args.ckpt_dir / 'vae_recon.png'}")

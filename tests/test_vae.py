@@ -31,6 +31,23 @@ def test_default_is_the_original_architecture():
     assert sum(p.numel() for p in model.parameters()) == 4_348_547
     assert model.encode(torch.zeros(1, 3, 64, 64))[0].shape == (1, 32)
 
+def test_the_dashboard_weight_scales_only_the_dashboard_rows_error():
+    torch.manual_seed(0)
+    plain = ConvVAE(TINY).eval()
+    weighted = ConvVAE(ConvVAEConfig(latent_dim=8, channels=(8, 16, 16, 16), dashboard_weight=5.0)).eval()
+    weighted.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        base, heavy = plain.loss(x, sample=False), weighted.loss(x, sample=False)
+        error = (plain.decode(plain.encode(x)[0]) - x).pow(2)  # (B, 3, 64, 64)
+    dashboard = error[:, :, 56:].sum((1, 2, 3)).mean()  # rows 56-63: the gauges' strip of a 64x64 frame
+    assert all(torch.allclose(heavy[name], base[name]) for name in ("recon", "dashboard", "kl"))
+    assert torch.allclose(base["dashboard"], dashboard)
+    assert torch.allclose(heavy["loss"] - base["loss"], 4.0 * dashboard, rtol=1e-4)
+    assert ConvVAEConfig.from_dict({"latent_dim": 32, "channels": [32, 64, 128, 256], "kl_tolerance": 0.5}) \
+        == ConvVAEConfig(), "a checkpoint made before the weight existed loads as the original loss"
+
+
 
 def test_a_tiny_epoch_lowers_the_loss():
     torch.manual_seed(0)
