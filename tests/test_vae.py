@@ -1,13 +1,16 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import smoke
 from agent import load_vae
-from conftest import make_episode, run_script
+from conftest import ROOT, make_episode, run_script
 from conv_vae import ConvVAE, ConvVAEConfig
+from envs import make_env
 from episodes import episode_path, save_episode
-from utils import UserError, load_checkpoint
+from utils import UserError, load_checkpoint, preprocess_frame
 
 TINY = ConvVAEConfig(latent_dim=8, channels=(8, 16, 16, 16))
 
@@ -98,3 +101,23 @@ def test_a_damaged_resume_checkpoint_is_one_clear_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "damaged" in result.stderr and "--fresh" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_gauge_probe_reads_the_speed_and_steering_bars_of_real_frames(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vae_gauges import gauge_readings, probe_r2
+
+    env = make_env("fast")
+    env.reset(seed=0)
+    frames = [preprocess_frame(env.step(np.array([0.0, 0.0, 0.0], np.float32))[0]) for _ in range(50)]  # at rest
+    for action in ([0.0, 1.0, 0.0],) * 30 + ([-1.0, 0.5, 0.0],) * 5 + ([1.0, 0.5, 0.0],) * 10:  # speed up, steer
+        frames.append(preprocess_frame(env.step(np.array(action, np.float32))[0]))
+    env.close()
+    readings = gauge_readings(np.stack(frames))
+    assert readings["speed"][49] < 1 < readings["speed"][79], "the speed bar is empty at rest and grows with gas"
+    assert np.sign(readings["steering"][84]) == -np.sign(readings["steering"][94]) != 0, "the two ways show apart"
+    features = np.random.default_rng(0).normal(size=(200, 3))
+    target = features @ np.array([1.0, -2.0, 0.5]) + 3.0
+    train = np.arange(200) < 100
+    assert probe_r2(features, target, train) == pytest.approx(1.0)
+    assert probe_r2(features, np.random.default_rng(1).normal(size=200), train) < 0.1
