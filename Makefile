@@ -36,8 +36,9 @@ lint: venv
 
 # The default pipeline, resumable: re-running continues where a killed run stopped. Each stage's
 # wall-clock is added to CKPT_DIR/stage_times.tsv (summed over re-runs); the last step prints the table.
-TRAIN_EPISODES ?= 200
-VAE_EPOCHS ?= 12
+TRAIN_EPISODES ?= 800
+VAE_EPOCHS ?= 3
+VAE_DASHBOARD_WEIGHT ?= 4.0
 PPO_STEPS ?= 1000000
 EVAL_EPISODES ?= 100
 SEED ?= 0
@@ -48,7 +49,7 @@ train: venv
 	$(call timed,collect,$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes $(TRAIN_EPISODES) --workers 2 --env-backend $(BACKEND) \
 		--seed $$((1000 * $(SEED))))
 	$(call timed,vae,$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs $(VAE_EPOCHS) \
-		--seed $(SEED))
+		--dashboard-weight $(VAE_DASHBOARD_WEIGHT) --seed $(SEED))
 	$(call timed,world_model,$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) \
 		--log-dir $(LOG_DIR) --arch $(WM_ARCH) --seed $(SEED))
 	$(call timed,ppo,$(PY) train_ppo.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --total-steps $(PPO_STEPS) \

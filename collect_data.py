@@ -29,7 +29,7 @@ from utils import UserError, pick_device, run_main
 class Args:
     data_dir: Path = Path("data")
     """where episodes go (under DATA_DIR/rollouts/<policy>/)"""
-    episodes: int = 200
+    episodes: int = 800
     """how many episodes (track seeds SEED .. SEED+EPISODES-1)"""
     max_steps: int = 1000
     """steps per episode at most (CarRacing's own limit is 1000)"""

@@ -86,8 +86,8 @@ class Args:
     action_repeat: int = 4
     """frames per decision: the clock of the world model and the controller"""
     vae_epochs: int = 12
-    """epochs of the VAE when CKPT_DIR has none (12 over 200 episodes of 250 decisions: as many frames as the
-    3 epochs over 200 x 1000 frames the shipped VAE had)"""
+    """epochs of the VAE when CKPT_DIR has none (12 over 200 episodes of 250 decisions: as many images as make
+    train's 3 epochs over 800)"""
     arch: Literal["gru", "mdn"] = "mdn"
     """world model: MDN-RNN (LSTM + mixture) or GRU"""
     wm_epochs: int = 30

@@ -41,7 +41,7 @@ from utils import (
 
 @dataclass
 class Args(StageArgs):
-    epochs: int = 12
+    epochs: int = 3
     """total epochs (a resumed run trains up to this many)"""
     batch_size: int = 128
     """frames per training batch"""
@@ -51,7 +51,7 @@ class Args(StageArgs):
     """size of z, the VAE's latent"""
     kl_tolerance: float = 0.5
     """free bits per latent dim (0 disables the floor)"""
-    dashboard_weight: float = 1.0
+    dashboard_weight: float = 4.0
     """weight of the dashboard rows (speed, ABS, steering, gyro gauges) in the reconstruction loss; 1 = the original"""
     val_percent: float = 5.0
     """share of episodes held out for validation (split by episode, stable as data grows)"""

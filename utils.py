@@ -73,7 +73,7 @@ class StageArgs:
     """ignore the stage's *_latest.pt checkpoint and start over"""
     collect: bool = True
     """collect random episodes first when DATA_DIR has none"""
-    collect_episodes: int = 200
+    collect_episodes: int = 800
     """episodes to collect when DATA_DIR is empty"""
     collect_max_steps: int = 1000
     """episode length in frames of that collection"""

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import smoke
+import train_vae
 from agent import load_vae
 from conftest import ROOT, make_episode, run_script
 from conv_vae import ConvVAE, ConvVAEConfig
@@ -88,7 +89,8 @@ def test_train_vae_checkpoints_resumes_and_rebuilds(tmp_path):
     checkpoint = load_checkpoint(ckpt / "vae_latest.pt")
     assert checkpoint["epoch"] == 2 and np.isfinite(checkpoint["metrics"]["val_loss"])
     model, best = load_vae(ckpt / "vae.pt")  # rebuilt from the stored config with weights_only=True
-    assert isinstance(model, ConvVAE) and model.config == ConvVAEConfig()
+    assert isinstance(model, ConvVAE)
+    assert model.config == ConvVAEConfig(dashboard_weight=train_vae.Args.dashboard_weight)
     assert list(tmp_path.glob("runs/vae-*/events.out.tfevents.*")), "TensorBoard events are written"
     (ckpt / "vae.pt").write_bytes((ckpt / "vae.pt").read_bytes()[:1000])
     with pytest.raises(UserError, match="damaged"):
