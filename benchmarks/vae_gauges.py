@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from agent import load_vae
-from conv_vae import ConvVAE
+from conv_vae import DASHBOARD_SHARE, ConvVAE
 from episodes import list_episodes, load_episode, split_episodes
 from utils import UserError, run_main
 
@@ -47,7 +47,8 @@ class Args:
 
 def gauge_readings(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Each gauge's reading (B,) from uint8 frames (B, 64, 64, 3): the summed grey level of its columns of the strip."""
-    strip = frames[:, 56:].astype(np.float32).mean(-1)  # (B, 8, 64)
+    height = frames.shape[1]
+    strip = frames[:, height - height // DASHBOARD_SHARE:].astype(np.float32).mean(-1)  # (B, 8, 64)
     readings = {name: strip[:, :, lo:hi].sum((1, 2)) for name, (lo, hi) in GAUGE_COLUMNS.items()}
     left, right = strip[:, :, 20:32].sum((1, 2)), strip[:, :, 32:44].sum((1, 2))
     readings["steering"] *= np.sign(right - left)  # the bar grows from the middle, left or right
@@ -65,7 +66,7 @@ def probe_r2(features: np.ndarray, target: np.ndarray, train: np.ndarray) -> flo
 def main(args: Args) -> None:
     torch.set_grad_enabled(False)
     _, held_out = split_episodes(list_episodes(args.data_dir), args.val_percent)
-    episodes = [ep["obs"][::args.stride] for ep in (load_episode(p, keys=("obs",)) for p in held_out) if ep]
+    episodes = [ep["obs"][::args.stride] for ep in (load_episode(p, keys=("obs",)) for p in held_out) if ep is not None]
     if len(episodes) < 2:
         raise UserError(f"{args.data_dir} has {len(episodes)} held-out episode(s); the probe needs 2 or more")
     frames = np.concatenate(episodes)
