@@ -79,7 +79,8 @@ iterate: venv
 # replayed real states -> the controller collects -> ... (DREAM_ROUNDS rounds, under 1M real frames), then the
 # 100-track evaluation. The controller never sees a real return; the per-round real check is only printed and logged.
 # The agent of DREAM_DIR is the last round's controller (DREAM_SNAPSHOTS=2 adds the one DREAM_SNAPSHOT_SPACING rounds
-# before it, as pretrained/dream/ does: over three runs that pair gained +0.8 and -6.7, and lost 144 in the third).
+# before it, as run W0b's pair in pretrained/dream/ until 2026-12-05: over three runs that pair gained +0.8 and -6.7,
+# and lost 144 in the third).
 # After `make train` the loop starts from its VAE (CKPT_DIR/vae.pt, copied in), as the shipped runs did; else it
 # trains its own.
 DREAM_ROUNDS ?= 14
@@ -137,9 +138,10 @@ dream-ensemble: dream
 	$(PY) make_ensemble.py --members $(DREAM_DIR) $(SEED_DIR) --out-dir $(ENSEMBLE_DIR)
 	$(PY) evaluate.py --ckpt-dir $(ENSEMBLE_DIR) --controller ensemble --episodes $(EVAL_EPISODES)
 
-# The shipped agent (pretrained/'s layout): `make train`'s real-env PPO controller and `make dream`'s dream-trained
-# one act together on the one VAE (the mean of their actions; they fail on different tracks), each with its own
-# world model; CKPT_DIR/controller_ensemble.pt names them, DREAM_DIR inside CKPT_DIR is not copied.
+# The shipped agent (pretrained/ is this target's output for SEED=0): `make train`'s real-env PPO controller and
+# `make dream`'s dream-trained one act together on the one VAE (the mean of their actions; they fail on different
+# tracks), each with its own world model; CKPT_DIR/controller_ensemble.pt names them, DREAM_DIR inside CKPT_DIR is
+# not copied.
 agent: train dream
 	$(PY) make_ensemble.py --members $(CKPT_DIR) $(DREAM_DIR) --controller ppo ppo_dream --out-dir $(CKPT_DIR)
 	$(PY) evaluate.py --ckpt-dir $(CKPT_DIR) --controller ensemble --episodes $(EVAL_EPISODES)

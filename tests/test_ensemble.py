@@ -176,19 +176,19 @@ def test_play_only_copies_drop_the_critic_and_act_the_same(tmp_path, members):
 
 
 def test_shipped_agents_load_and_fit_the_size_limit():
-    """pretrained/ plays the mean of its real-env PPO controller and run D's dream-trained one (pretrained/member1/);
-    pretrained/dream/ holds the snapshot ensemble of one dream run (rounds 13 + 9) as play-only copies and the linear
-    controller CMA-ES evolved in round 13's dream; every member is intact, and pretrained/ stays within its 45 MB."""
+    """pretrained/ is `make agent`'s output: it plays the mean of its real-env PPO controller and the dream-trained one of
+    the same run's `make dream` (pretrained/dream/, on the same VAE, which also holds the linear controller CMA-ES
+    evolved in that dream, `make dream-cmaes`); every member is intact, and pretrained/ stays within its 45 MB."""
     from agent import PRETRAINED_DIR
 
     assert agent_dir_and_controller(None, None) == (PRETRAINED_DIR, "ensemble")
     files = agent_files_of(PRETRAINED_DIR, "ensemble")
-    assert {PRETRAINED_DIR / "controller_ppo.pt", PRETRAINED_DIR / "member1" / "controller_ppo_dream.pt"} <= set(files)
+    assert {PRETRAINED_DIR / "controller_ppo.pt", PRETRAINED_DIR / "dream" / "controller_ppo_dream.pt"} <= set(files)
     assert len(load_agent(PRETRAINED_DIR, "ensemble").members) == 2
-    agent = load_agent(PRETRAINED_DIR / "dream", "ensemble")
-    assert len(agent.members) == 2 and agent.action_repeat == 4
-    for controller in (PRETRAINED_DIR / "dream").rglob("controller_ppo_dream.pt"):  # the actor alone, half the size
-        assert torch.load(controller, map_location="cpu", weights_only=True).get("play_only") is True
+    assert agent_dir_and_controller(PRETRAINED_DIR / "dream", None) == (PRETRAINED_DIR / "dream", "ppo_dream")
+    dream_agent = load_agent(PRETRAINED_DIR / "dream", "ppo_dream")
+    assert dream_agent.action_repeat == 4
+    assert (PRETRAINED_DIR / "dream" / "vae.pt").read_bytes() == (PRETRAINED_DIR / "vae.pt").read_bytes()
     linear = load_agent(PRETRAINED_DIR / "dream", "cmaes")  # (checked against the dream dir's VAE and world model)
     assert linear.action_repeat == 4 and isinstance(linear.controller, LinearController)
     assert sum(path.stat().st_size for path in PRETRAINED_DIR.rglob("*") if path.is_file()) <= 45_000_000
