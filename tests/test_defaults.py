@@ -51,8 +51,8 @@ MAKE_OWN = {"ITER_EPISODES": "an on-policy round drives fewer new tracks than a 
             "ENSEMBLE_SEED": "the second run of an ensemble needs another seed than the first (the default)",
             "FINETUNE_STEPS": "polishing a trained agent takes fewer steps than learning from zero",
             "FINETUNE_LR": "a trained agent moves in smaller steps than one learning from zero",
-            "DREAM_SNAPSHOT_SPACING": "with DREAM_SNAPSHOTS=2, rounds 13 + 9 (run W0b's shipped pair until 2026-12-05); "
-                                      "the loop alone spaces snapshots 2 rounds, for short runs"}
+            "DREAM_SNAPSHOT_SPACING": "with DREAM_SNAPSHOTS=2, rounds 13 + 9 (run W0b's pair, shipped until "
+                                      "2026-12-05); the loop alone spaces snapshots 2 rounds, for short runs"}
 
 
 def makefile_knobs() -> tuple[dict[str, str], list[tuple[str, str, str]]]:
