@@ -17,6 +17,11 @@ from torch import nn
 DASHBOARD_SHARE = 8  # CarRacing's dashboard is the bottom 1/8 of the frame: rows 84-95 of 96, 56-63 of 64
 
 
+def dashboard_rows(height: int) -> slice:
+    """The rows of a frame HEIGHT rows high that hold the dashboard (its gauges' strip): 56-63 of 64."""
+    return slice(height - height // DASHBOARD_SHARE, height)
+
+
 @dataclass
 class ConvVAEConfig:
     latent_dim: int = 32
@@ -102,8 +107,7 @@ class ConvVAE(nn.Module):
         recon_x = self.decode(self.sample(mu, logvar) if sample else mu)
         squared_error = (recon_x - x).pow(2).sum(1)  # (B, H, W)
         recon = squared_error.flatten(1).sum(1).mean()
-        height = x.shape[-2]
-        dashboard = squared_error[:, height - height // DASHBOARD_SHARE:].flatten(1).sum(1).mean()
+        dashboard = squared_error[:, dashboard_rows(x.shape[-2])].flatten(1).sum(1).mean()
         weighted_recon = recon + (self.config.dashboard_weight - 1) * dashboard
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
         kl_floor = self.config.kl_tolerance * self.config.latent_dim

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from agent import load_vae
-from conv_vae import DASHBOARD_SHARE, ConvVAE
+from conv_vae import ConvVAE, dashboard_rows
 from episodes import list_episodes, load_episode, split_episodes
 from utils import UserError, run_main
 
@@ -47,8 +47,7 @@ class Args:
 
 def gauge_readings(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Each gauge's reading (B,) from uint8 frames (B, 64, 64, 3): the summed grey level of its columns of the strip."""
-    height = frames.shape[1]
-    strip = frames[:, height - height // DASHBOARD_SHARE:].astype(np.float32).mean(-1)  # (B, 8, 64)
+    strip = frames[:, dashboard_rows(frames.shape[1])].astype(np.float32).mean(-1)  # (B, 8, 64)
     readings = {name: strip[:, :, lo:hi].sum((1, 2)) for name, (lo, hi) in GAUGE_COLUMNS.items()}
     left, right = strip[:, :, 20:32].sum((1, 2)), strip[:, :, 32:44].sum((1, 2))
     readings["steering"] *= np.sign(right - left)  # the bar grows from the middle, left or right
