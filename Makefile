@@ -39,6 +39,7 @@ lint: venv
 TRAIN_EPISODES ?= 800
 VAE_EPOCHS ?= 3
 VAE_DASHBOARD_WEIGHT ?= 4.0
+VAE_PRECISION ?= fp32
 PPO_STEPS ?= 1000000
 EVAL_EPISODES ?= 100
 SEED ?= 0
@@ -49,7 +50,7 @@ train: venv
 	$(call timed,collect,$(PY) collect_data.py --data-dir $(DATA_DIR) --episodes $(TRAIN_EPISODES) --workers 2 --env-backend $(BACKEND) \
 		--seed $$((1000 * $(SEED))))
 	$(call timed,vae,$(PY) train_vae.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --epochs $(VAE_EPOCHS) \
-		--dashboard-weight $(VAE_DASHBOARD_WEIGHT) --seed $(SEED))
+		--dashboard-weight $(VAE_DASHBOARD_WEIGHT) --precision $(VAE_PRECISION) --seed $(SEED))
 	$(call timed,world_model,$(PY) train_world_model.py --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) \
 		--log-dir $(LOG_DIR) --arch $(WM_ARCH) --seed $(SEED))
 	$(call timed,ppo,$(PY) train_ppo.py --ckpt-dir $(CKPT_DIR) --log-dir $(LOG_DIR) --total-steps $(PPO_STEPS) \

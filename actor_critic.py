@@ -162,7 +162,7 @@ class ActorCritic(nn.Module):
             self.log_std = nn.Parameter(torch.full((3,), -0.5))
 
     def policy(self, obs: torch.Tensor) -> BetaUnit | TanhNormal:
-        out = self.actor(self.obs_norm(obs))
+        out = self.actor(self.obs_norm(obs)).float()  # (fp32 distributions where the networks run in bf16)
         if self.config.distribution == "beta":
             # alpha, beta > 1: a unimodal density; the near-zero last layer starts every dimension near Beta(2, 2)
             concentration = 1 + nn.functional.softplus(out + math.log(math.e - 1))
@@ -170,7 +170,7 @@ class ActorCritic(nn.Module):
         return TanhNormal(out, self.log_std.exp().expand_as(out))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(self.obs_norm(obs)).squeeze(-1)
+        return self.critic(self.obs_norm(obs)).squeeze(-1).float()
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """obs (B, obs_dim) -> deterministic env action (B, 3)."""

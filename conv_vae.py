@@ -103,8 +103,9 @@ class ConvVAE(nn.Module):
         the gauges' strip) and `kl` (the KL before the floor), each a mean over the batch.
         `sample=False` decodes mu instead of a sample: a deterministic figure for validation.
         """
-        mu, logvar = self.encode(x)
-        recon_x = self.decode(self.sample(mu, logvar) if sample else mu)
+        # the sums, exp and KL in fp32 even where the networks run in bf16 (train_vae.py --precision bf16)
+        mu, logvar = (t.float() for t in self.encode(x))
+        recon_x = self.decode(self.sample(mu, logvar) if sample else mu).float()
         squared_error = (recon_x - x).pow(2).sum(1)  # (B, H, W)
         recon = squared_error.flatten(1).sum(1).mean()
         dashboard = squared_error[:, dashboard_rows(x.shape[-2])].flatten(1).sum(1).mean()

@@ -26,7 +26,7 @@ import cluster
 from actor_critic import ACTION_HIGH, ACTION_LOW, population_actions
 from agent import load_vae_and_world_model, load_world_model
 from episodes import encode_episodes, list_episodes, load_latent_episode
-from utils import UserError, file_sha256
+from utils import Precision, UserError, autocast, file_sha256
 
 _MASK32 = 0xFFFFFFFF
 
@@ -86,11 +86,13 @@ class BatchedDream:
     temperature, and returns the predicted reward of those frames and done (probability > 0.5);
     `done_prob` keeps the probability. It truncates at `max_steps` frames (ceil(max_steps / action
     repeat) decisions), the real env's limit. Finished envs are restarted by the caller with `reset`.
+    `precision` bf16 steps the model's cell and heads in bf16 mixed precision (utils.autocast; the state, z and
+    outputs stay fp32): faster imagination on a CPU with AVX-512 BF16, a slightly different dream.
     """
 
     def __init__(self, world_model, start_mu, start_logvar, num_envs: int, temperature: float = 1.0,
-                 max_steps: int = 1000, device="cpu"):
-        self.model, self.device = world_model, torch.device(device)
+                 max_steps: int = 1000, device="cpu", precision: Precision = "fp32"):
+        self.model, self.device, self.precision = world_model, torch.device(device), precision
         self.start_mu, self.start_logvar = start_mu.to(self.device), start_logvar.to(self.device)
         self.num_envs, self.temperature = num_envs, temperature
         self.action_repeat = world_model.config.action_repeat
@@ -134,7 +136,8 @@ class BatchedDream:
         with torch.no_grad():
             action = torch.as_tensor(action, dtype=torch.float32, device=self.device)
             action = torch.maximum(torch.minimum(action, self.action_high), self.action_low)
-            pred, self.state = self.model.step(self.z, action, self.state)
+            with autocast(self.device, self.precision):
+                pred, self.state = self.model.step(self.z, action, self.state)
             uniform = counter_uniform(self.seeds, self.t, 3 * self.latent_dim)  # component picks, then Gaussian noise
             self.z = self.model.sample_next(pred, self.temperature, uniform[:, :self.latent_dim],
                                             box_muller(uniform[:, self.latent_dim:]))

@@ -76,7 +76,8 @@ def main(args: Args) -> dict:
     bank = checkpoint["start_bank"]
 
     def make_dream(num_envs: int) -> BatchedDream:
-        return BatchedDream(world_model, bank["mu"], bank["logvar"], num_envs, args.temperature, args.max_steps, device)
+        return BatchedDream(world_model, bank["mu"], bank["logvar"], num_envs, args.temperature, args.max_steps, device,
+                            args.precision)
 
     eval_dream = make_dream(max(1, args.eval_episodes) * args.eval_dreams_per_episode)
     eval_seeds = torch.arange(eval_dream.num_envs) + EVAL_DREAM_SEED  # fixed whole dreams from episode starts

@@ -26,9 +26,11 @@ from conv_vae import ConvVAE, ConvVAEConfig
 from episodes import FrameStream, episode_lengths, load_episode, split_episodes
 from rollouts import find_or_collect_episodes
 from utils import (
+    Precision,
     StageArgs,
     UserError,
     atomic_write,
+    autocast,
     frames_grid,
     plain,
     resume_checkpoint,
@@ -59,12 +61,17 @@ class Args(StageArgs):
     """validation frames evaluated each epoch, evenly spread over the held-out episodes"""
     buffer_episodes: int = 32
     """episodes decompressed and shuffled together: bounds memory (about 12 MB per 1000-step episode)"""
+    precision: Precision = "fp32"
+    """training arithmetic of the convolutions: fp32, or bf16 mixed precision (weights, optimizer and loss stay fp32;
+    validation runs in fp32)"""
 
 
-def train_step(model: ConvVAE, optimizer: torch.optim.Optimizer, frames: np.ndarray, device) -> dict[str, float]:
-    """One optimisation step on a batch of uint8 frames (B, 64, 64, 3)."""
+def train_step(model: ConvVAE, optimizer: torch.optim.Optimizer, frames: np.ndarray, device,
+               precision: Precision = "fp32") -> dict[str, float]:
+    """One optimisation step on a batch of uint8 frames (B, 64, 64, 3), the networks in PRECISION."""
     x = ConvVAE.to_input(torch.from_numpy(frames).to(device))
-    losses = model.loss(x)
+    with autocast(device, precision):
+        losses = model.loss(x)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     optimizer.step()
@@ -143,7 +150,7 @@ def main(args: Args) -> None:
                    unit="batch", dynamic_ncols=True)
         epoch_start, seen, running = time.perf_counter(), 0, []
         for frames in bar:
-            losses = train_step(model, optimizer, frames, device)
+            losses = train_step(model, optimizer, frames, device, args.precision)
             if not math.isfinite(losses["loss"]):
                 raise UserError(f"VAE loss became {losses['loss']} at epoch {epoch + 1}, step {step}; "
                                 f"the last good checkpoint is {latest_path}")

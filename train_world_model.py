@@ -36,9 +36,11 @@ from dream import BatchedDream, critical_states
 from episodes import encode_episodes, load_episode, load_latent_episode, split_episodes
 from rollouts import find_or_collect_episodes
 from utils import (
+    Precision,
     StageArgs,
     UserError,
     atomic_write,
+    autocast,
     checkpoint_identity,
     frames_grid,
     load_checkpoint,
@@ -97,6 +99,9 @@ class Args(StageArgs):
     posterior noise of the VAE's unused dimensions)"""
     workers: int = 1
     """collection worker processes (train_world_model_parallel.py uses every core)"""
+    precision: Precision = "fp32"
+    """training arithmetic of the recurrent cell and heads: fp32, or bf16 mixed precision (weights, optimizer and
+    losses stay fp32; validation runs in fp32)"""
 
 
 def load_latents(cache: dict[Path, Path], vae_sha256: str) -> dict[Path, dict]:
@@ -294,7 +299,8 @@ def main(args: Args) -> None:
         epoch_start, seq_steps, running = time.perf_counter(), 0, []
         for first in range(0, len(order), args.batch_size):
             batch = make_batch([train_eps[i] for i in order[first:first + args.batch_size]], args.seq_len, rng, device)
-            _, losses = model_loss(model, batch, args)
+            with autocast(device, args.precision):
+                _, losses = model_loss(model, batch, args)
             if not torch.isfinite(losses["loss"]):
                 raise UserError(f"world model loss became {losses['loss'].item()} at epoch {epoch + 1}, step {step}; "
                                 f"the last good checkpoint is {latest_path}")

@@ -19,7 +19,7 @@ import sys
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import cv2
 import numpy as np
@@ -165,6 +165,18 @@ def pick_device(name: str = "auto"):
             raise UserError(f"--device {name} was asked for but torch sees {count} CUDA device(s): cuda:0 .. "
                             f"cuda:{count - 1}")
     return torch.device(name)
+
+
+Precision = Literal["fp32", "bf16"]
+
+
+def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
+    """Where the networks' matrix products and convolutions run in PRECISION: fp32 (nothing changes) or bf16 mixed
+    precision (torch.autocast; weights, optimiser state and what the models return stay fp32). On this CPU (AVX-512
+    BF16) bf16 trains the VAE, the world model and PPO's update faster (README, Precision)."""
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"unknown precision {precision!r}: choose fp32 or bf16")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def plain(value: Any) -> Any:

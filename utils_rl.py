@@ -21,7 +21,9 @@ from tqdm import tqdm
 from agent import CONTROLLER_SCRIPTS, load_controller
 from rollouts import evaluate_agent
 from utils import (
+    Precision,
     UserError,
+    autocast,
     checkpoint_identity,
     plain,
     resume_controller_checkpoint,
@@ -205,6 +207,9 @@ class PPOArgs(ControllerStageArgs):
     """width of the actor's and critic's hidden layers"""
     distribution: Literal["beta", "tanh_normal"] = "beta"
     """the actor's distribution over the bounded action"""
+    precision: Precision = "fp32"
+    """arithmetic of the update's networks (and of a dream's steps, train_ppo_in_dream.py): fp32, or bf16 mixed
+    precision (weights, optimizer, distributions and losses stay fp32)"""
 
 
 def train_ppo(args: PPOArgs, envs, name: str, device, extra_eval=None, warm_start: bool = False,
@@ -344,8 +349,9 @@ def _ppo_loop(args: PPOArgs, envs, name: str, device, extra_eval, warm_start: bo
             rollout_seconds = time.perf_counter() - rollout_start
             batch = {key: buffer[key].flatten(0, 1) for key in ("obs", "sample", "log_prob")}
             batch |= {"advantage": advantage.flatten(), "value_target": value_target.flatten()}
-            metrics = ppo_update(model, optimizer, batch, args.update_epochs, args.minibatches, args.clip_coef,
-                                 args.ent_coef, args.vf_coef, args.max_grad_norm, args.target_kl)
+            with autocast(device, args.precision):
+                metrics = ppo_update(model, optimizer, batch, args.update_epochs, args.minibatches, args.clip_coef,
+                                     args.ent_coef, args.vf_coef, args.max_grad_norm, args.target_kl)
             model.obs_norm.update(batch["obs"])  # between updates: see RunningNorm
             if averaged is not None:
                 averaged.update_parameters(model)

@@ -95,14 +95,14 @@ class RecurrentWorldModel(nn.Module):
     # --- shared
     def _predict(self, h: torch.Tensor) -> Prediction:
         k, latent = self.config.mixtures, self.config.latent_dim
-        out = self.head(h)
+        out = self.head(h).float()  # (fp32 heads and losses even where the networks run in bf16: utils.autocast)
         z_params, reward, done_logit = out[..., :-2], out[..., -2], out[..., -1]
         logit_pi, mu, log_sigma = z_params.unflatten(-1, (3, latent, k)).unbind(-3)
         return Prediction(logit_pi, mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX), reward, done_logit)
 
     def step(self, z: torch.Tensor, action: torch.Tensor, state: torch.Tensor) -> tuple[Prediction, torch.Tensor]:
         """One time step: z (B, latent), action (B, action_dim), state (B, state_size)."""
-        state = self._cell(torch.cat([z, action], -1), state)
+        state = self._cell(torch.cat([z, action], -1), state).float()  # (a dream carries its state in fp32)
         return self._predict(self.features(state)), state
 
     def forward(self, z: torch.Tensor, action: torch.Tensor, state: torch.Tensor | None = None
@@ -111,7 +111,7 @@ class RecurrentWorldModel(nn.Module):
         if state is None:
             state = self.initial_state(z.shape[0], z.device)
         hidden, state = self._sequence(torch.cat([z, action], -1), state)
-        return self._predict(hidden), state
+        return self._predict(hidden), state.float()
 
     @staticmethod
     def z_log_prob(pred: Prediction, z_next: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from envs import BACKENDS, ENVPOOL_INSTALL, make_env
 from episodes import FrameStream, list_episodes
 from rollouts import collect_episodes
 from train_vae import train_step
-from utils import run_main
+from utils import Precision, autocast, run_main
 from world_model import WorldModelConfig, build_world_model
 
 INSTALLED_BACKENDS = tuple(backend for backend in BACKENDS
@@ -107,16 +107,16 @@ def collection_steps_per_s(backend: str, workers: int, episodes: int, max_steps:
     return sum(s["steps"] for s in summaries) / (time.perf_counter() - start)
 
 
-def vae_img_per_s(batches, model: ConvVAE, count: int) -> float:
+def vae_img_per_s(batches, model: ConvVAE, count: int, precision: Precision = "fp32") -> float:
     """Training img/s over `count` batches after 3 warm-up ones."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    iterator = iter(batches)
+    iterator, cpu = iter(batches), torch.device("cpu")
     for _ in range(3):  # warm-up
-        train_step(model, optimizer, next(iterator), "cpu")
+        train_step(model, optimizer, next(iterator), cpu, precision)
     images, start = 0, time.perf_counter()
     for _ in range(count):
         batch = next(iterator)
-        train_step(model, optimizer, batch, "cpu")
+        train_step(model, optimizer, batch, cpu, precision)
         images += len(batch)
     return images / (time.perf_counter() - start)
 
@@ -132,9 +132,9 @@ def cycle(make_iterable):
             raise ValueError("nothing to iterate over")
 
 
-def dream_steps_per_s(arch: str, num_envs: int, steps: int) -> float:
+def dream_steps_per_s(arch: str, num_envs: int, steps: int, precision: Precision = "fp32") -> float:
     model = build_world_model(WorldModelConfig(arch=arch)).eval()
-    dream = BatchedDream(model, torch.zeros(8, 32), torch.zeros(8, 32), num_envs, temperature=1.0)
+    dream = BatchedDream(model, torch.zeros(8, 32), torch.zeros(8, 32), num_envs, temperature=1.0, precision=precision)
     dream.reset(torch.arange(num_envs))
     action = torch.rand(num_envs, 3)
     dream.step(action)  # warm-up
@@ -144,7 +144,7 @@ def dream_steps_per_s(arch: str, num_envs: int, steps: int) -> float:
     return num_envs * steps / (time.perf_counter() - start)
 
 
-def world_model_train_steps_per_s(arch: str, batches: int) -> float:
+def world_model_train_steps_per_s(arch: str, batches: int, precision: Precision = "fp32") -> float:
     """Sequence steps/s of train_world_model's own batch, loss and update, on random latents."""
     model = build_world_model(WorldModelConfig(arch=arch))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -157,7 +157,8 @@ def world_model_train_steps_per_s(arch: str, batches: int) -> float:
     for index in range(batches + 1):
         start = time.perf_counter()
         batch = train_world_model.make_batch(episodes, 1000, rng, "cpu")
-        _, losses = train_world_model.model_loss(model, batch, train_args)
+        with autocast("cpu", precision):
+            _, losses = train_world_model.model_loss(model, batch, train_args)
         optimizer.zero_grad()
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

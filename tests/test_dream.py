@@ -318,7 +318,7 @@ def test_the_dream_loop_trains_an_ensemble_that_drives(tmp_path):
               str(tmp_path / "runs"), "--random-episodes", "3", "--episodes-per-round", "1", "--wm-epochs", "1",
               "--wm-epochs-per-round", "1", "--updates-per-round", "1", "--num-envs", "8", "--horizon", "4",
               "--check-episodes", "1", "--workers", "1", "--max-steps", "40"]
-    result = run_script(*common, "--rounds", "2", "--members", "2")
+    result = run_script(*common, "--rounds", "2", "--members", "2", "--precision", "bf16")  # (bf16's whole path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ensemble of 2: real env") == 2 and "== round 1:" in result.stdout
     ensemble = load_agent(ckpt, "ensemble")

@@ -177,8 +177,9 @@ def test_play_only_copies_drop_the_critic_and_act_the_same(tmp_path, members):
 
 def test_shipped_agents_load_and_fit_the_size_limit():
     """pretrained/ is `make agent`'s output: it plays the mean of its real-env PPO controller and the dream-trained one
-    of the same run's `make dream` (pretrained/dream/, on the same VAE, which also holds the linear controller CMA-ES
-    evolved in that dream, `make dream-cmaes`); every member is intact, and pretrained/ stays within its 45 MB."""
+    of the same run's `make dream` (pretrained/dream/, on the same VAE through a link, which also holds the linear
+    controller CMA-ES evolved in that dream, `make dream-cmaes`); every member is intact, and pretrained/ stays within
+    its 45 MB."""
     from agent import PRETRAINED_DIR
 
     assert agent_dir_and_controller(None, None) == (PRETRAINED_DIR, "ensemble")
@@ -188,7 +189,10 @@ def test_shipped_agents_load_and_fit_the_size_limit():
     assert agent_dir_and_controller(PRETRAINED_DIR / "dream", None) == (PRETRAINED_DIR / "dream", "ppo_dream")
     dream_agent = load_agent(PRETRAINED_DIR / "dream", "ppo_dream")
     assert dream_agent.action_repeat == 4
-    assert (PRETRAINED_DIR / "dream" / "vae.pt").read_bytes() == (PRETRAINED_DIR / "vae.pt").read_bytes()
+    # one VAE for both: the dream dir's vae.pt is a link to pretrained/vae.pt, not a second 17 MB copy
+    assert (PRETRAINED_DIR / "dream" / "vae.pt").is_symlink()
+    assert (PRETRAINED_DIR / "dream" / "vae.pt").resolve() == (PRETRAINED_DIR / "vae.pt").resolve()
     linear = load_agent(PRETRAINED_DIR / "dream", "cmaes")  # (checked against the dream dir's VAE and world model)
     assert linear.action_repeat == 4 and isinstance(linear.controller, LinearController)
-    assert sum(path.stat().st_size for path in PRETRAINED_DIR.rglob("*") if path.is_file()) <= 45_000_000
+    stored = [path.lstat().st_size for path in PRETRAINED_DIR.rglob("*") if path.is_file() and not path.is_symlink()]
+    assert sum(stored) <= 45_000_000

@@ -12,7 +12,7 @@ from agent import Agent, controller_path, load_agent, load_vae_and_world_model
 from conftest import make_checkpoint_dir, run_script
 from dream import BatchedDream, DreamFeatureEnvs
 from envs import RealFeatureEnvs, TrainingShaping, _PreprocessedEnv
-from utils import UserError, load_checkpoint, save_checkpoint
+from utils import UserError, autocast, load_checkpoint, save_checkpoint
 from utils_rl import PPOArgs, gae, ppo_update, train_ppo
 
 
@@ -63,8 +63,9 @@ def test_actor_log_prob_is_a_density_on_the_bounded_action(distribution):
         assert actions[:, 0].abs().max() <= 1 and actions[:, 1:].min() >= 0 and actions[:, 1:].max() <= 1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("distribution", ["beta", "tanh_normal"])
-def test_one_ppo_update_changes_the_policy_and_stays_finite(distribution):
+def test_one_ppo_update_changes_the_policy_and_stays_finite(distribution, precision):
     torch.manual_seed(2)
     model = ActorCritic(ControllerConfig(kind="actor_critic", obs_dim=4, hidden_dim=16, distribution=distribution))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -75,10 +76,13 @@ def test_one_ppo_update_changes_the_policy_and_stays_finite(distribution):
         log_prob = dist.log_prob(sample)
     advantage = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = ppo_update(model, optimizer, {"obs": obs, "sample": sample, "log_prob": log_prob,
-                                            "advantage": advantage, "value_target": torch.randn(64)},
-                         epochs=2, minibatches=2, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5)
+    with autocast("cpu", precision):
+        assert model.policy(obs).log_prob(sample).dtype == model.value(obs).dtype == torch.float32
+        metrics = ppo_update(model, optimizer, {"obs": obs, "sample": sample, "log_prob": log_prob,
+                                                "advantage": advantage, "value_target": torch.randn(64)},
+                             epochs=2, minibatches=2, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5)
     assert all(math.isfinite(value) for value in metrics.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with torch.no_grad():
         change = model.policy(obs).log_prob(sample) - log_prob
@@ -91,16 +95,20 @@ def tiny_ppo_args(ckpt, tmp_path, **overrides) -> PPOArgs:
     return PPOArgs(**(values | overrides))
 
 
-def tiny_dream_envs(model) -> DreamFeatureEnvs:
+def tiny_dream_envs(model, precision="fp32") -> DreamFeatureEnvs:
     """16 dreams of 20 steps in MODEL from 3 fixed starts (z 0, log-std -2)."""
-    return DreamFeatureEnvs(BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20))
+    return DreamFeatureEnvs(BatchedDream(model, torch.zeros(3, 4), torch.full((3, 4), -2.0), 16, max_steps=20,
+                                         precision=precision))
 
 
-def test_ppo_in_a_tiny_dream_learns_to_press_the_gas(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ppo_in_a_tiny_dream_learns_to_press_the_gas(tmp_path, precision):
+    """(bf16: the dream's steps and PPO's update in bf16 mixed precision learn it too)"""
     model = gas_pays_world_model()  # reward tanh(gas) at every step
     ckpt = make_checkpoint_dir(tmp_path, world_model=model)
     torch.manual_seed(0)
-    metrics = train_ppo(tiny_ppo_args(ckpt, tmp_path), tiny_dream_envs(model), "ppo_dream", torch.device("cpu"))
+    metrics = train_ppo(tiny_ppo_args(ckpt, tmp_path, precision=precision), tiny_dream_envs(model, precision),
+                        "ppo_dream", torch.device("cpu"))
     agent = load_agent(ckpt, "ppo_dream")
     gas = np.mean([agent(np.zeros((64, 64, 3), np.uint8))[1] for _ in range(5)])
     assert gas > 0.72, f"the initial policy's gas is 0.5; trained {gas:.2f}"

@@ -74,6 +74,27 @@ def test_a_tiny_epoch_lowers_the_loss():
     assert after < 0.7 * before
 
 
+def test_bf16_training_learns_as_fp32_does_and_keeps_fp32_weights_and_loss():
+    frames = np.zeros((32, 64, 64, 3), dtype=np.uint8)
+    for i in range(32):
+        frames[i, (i % 4) * 16:(i % 4) * 16 + 16, :, i % 3] = 255
+    x = ConvVAE.to_input(torch.from_numpy(frames))
+    recon = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = ConvVAE(TINY)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(40):
+            losses = train_vae.train_step(model, optimizer, frames, torch.device("cpu"), precision)
+        assert all(np.isfinite(value) for value in losses.values())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            assert all(value.dtype == torch.float32 for value in model.loss(x).values()), "the loss is fp32"
+        with torch.no_grad():
+            recon[precision] = model.loss(x, sample=False)["recon"].item()
+    assert recon["bf16"] < 1.2 * recon["fp32"], recon
+
+
 def test_train_vae_checkpoints_resumes_and_rebuilds(tmp_path):
     data, ckpt = tmp_path / "data", tmp_path / "ckpt"
     for seed in range(3):

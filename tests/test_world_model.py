@@ -13,7 +13,7 @@ from conftest import TINY_WORLD_MODEL, make_checkpoint_dir, make_episode, run_sc
 from conv_vae import ConvVAE, ConvVAEConfig
 from dream import BatchedDream
 from episodes import encode_episodes, episode_path, latent_cache_path, load_latent_episode, save_episode
-from utils import UserError, save_checkpoint
+from utils import UserError, autocast, save_checkpoint
 from world_model import MDNRNN, WorldModelConfig, WorldModelGRU, build_world_model
 
 TINY = TINY_WORLD_MODEL
@@ -128,6 +128,28 @@ def test_a_tiny_training_run_lowers_the_loss(arch):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("arch", ["gru", "mdn"])
+def test_bf16_keeps_the_state_heads_and_loss_in_fp32_and_steps_close_to_fp32(arch):
+    torch.manual_seed(0)
+    model = build_world_model(WorldModelConfig(arch=arch, **TINY))
+    z, action = torch.randn(3, 9, 4), torch.rand(3, 9, 3)
+    reference, _ = model(z, action)
+    with autocast("cpu", "bf16"):
+        pred, final = model(z, action)
+        state = model.initial_state(3)
+        for t in range(9):
+            step_pred, state = model.step(z[:, t], action[:, t], state)
+    assert all(value.dtype == torch.float32 for value in (*pred, final, *step_pred, state))
+    torch.testing.assert_close(pred.mu, reference.mu, atol=0.05, rtol=0.05)  # bf16 keeps ~3 significant digits
+    ones = torch.ones(3, 8)
+    loss = model.loss(type(pred)(*(x[:, :-1] for x in pred)), z[:, 1:], ones, 0 * ones, ones, ones)["loss"]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    with pytest.raises(UserError, match="fp32 or bf16"):
+        autocast("cpu", "fp16")
 
 
 def test_dream_env_passes_check_env_and_renders(tmp_path):
