@@ -83,8 +83,8 @@ iterate: venv
 # before it, as run W0b's pair in pretrained/dream/ until 2026-12-05: over three runs that pair gained +0.8 and -6.7,
 # and lost 144 in the third).
 # After `make train` the loop starts from its VAE (CKPT_DIR/vae.pt, copied in), as the shipped runs did; else it
-# trains its own. DREAM_PRECISION=bf16 trains and dreams in bf16 mixed precision (~1.25x faster rounds on this CPU;
-# one run measured, README "Precision").
+# trains its own. DREAM_PRECISION=bf16 trains and dreams in bf16 mixed precision: a 14-round loop in ~34 min here
+# instead of ~45, but on two seeds its pairs scored 16.5 and 4.0 lower (README, Precision), so fp32 is the default.
 DREAM_ROUNDS ?= 14
 DREAM_EPISODES ?= 50
 DREAM_SNAPSHOTS ?= 1
