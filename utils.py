@@ -176,7 +176,9 @@ def autocast(device: torch.device | str, precision: Precision) -> contextlib.Abs
     BF16) bf16 trains the VAE, the world model and PPO's update faster (README, Precision)."""
     if precision not in ("fp32", "bf16"):
         raise UserError(f"unknown precision {precision!r}: choose fp32 or bf16")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if precision == "fp32":
+        return contextlib.nullcontext()  # (the fp32 path stays exactly what it was before bf16 existed)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def plain(value: Any) -> Any:
