@@ -26,7 +26,7 @@ from bench import cycle, dream_steps_per_s, vae_img_per_s, world_model_train_ste
 from actor_critic import ActorCritic, ControllerConfig
 from conv_vae import ConvVAE, ConvVAEConfig
 from episodes import FrameStream, list_episodes
-from utils import Precision, autocast, run_main
+from utils import Precision, UserError, autocast, run_main
 from utils_rl import ppo_update
 
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
@@ -70,7 +70,7 @@ def main(args: Args) -> None:
     if args.data_dir is not None:
         paths = list_episodes(args.data_dir)
         if not paths:
-            raise SystemExit(f"no episodes in {args.data_dir}/rollouts/")
+            raise UserError(f"no episodes in {args.data_dir}/rollouts/")
         frames, where = (lambda: FrameStream(paths, 128, buffer_episodes=8, drop_last=True)), "real frames, streamed"
     else:
         rng = np.random.default_rng(0)
