@@ -176,7 +176,7 @@ def test_play_only_copies_drop_the_critic_and_act_the_same(tmp_path, members):
 
 
 def test_shipped_agents_load_and_fit_the_size_limit():
-    """pretrained/ is `make agent`'s output: it plays the mean of its real-env PPO controller and the dream-trained one
+    """pretrained/ is `make train`'s output: it plays the mean of its real-env PPO controller and the dream-trained one
     of the same run's `make dream` (pretrained/dream/, on the same VAE through a link, which also holds the linear
     controller CMA-ES evolved in that dream, `make dream-cmaes`); every member is intact, and pretrained/ stays within
     its 45 MB."""
