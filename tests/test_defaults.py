@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import io
 import re
+import subprocess
 
 import pytest
 import tyro
@@ -80,3 +81,26 @@ def test_the_makefile_passes_the_scripts_own_defaults():
         assert str(default) == value, f"make passes {flag} $({var}) = {value} to {script}.py; its default: {default}"
         compared += 1
     assert compared >= 10
+
+
+def test_make_train_is_the_shipped_recipe_in_order():
+    """`make train` (dry run) is `make train-ppo`'s stages, then the dream loop on their VAE, then the pair of the two
+    controllers, its evaluation and video, in this order; `make agent` (its old name) runs the same commands."""
+    def dry_run(target: str) -> list[str]:
+        result = subprocess.run(["make", "-n", target, "SEED=3", "CKPT_DIR=ck", "DATA_DIR=da"], cwd=ROOT,
+                                capture_output=True, text=True, check=True)
+        return [line for line in result.stdout.splitlines() if "/python " in line or line.startswith("if [")]
+
+    lines = dry_run("train")
+    expected = ["collect_data.py --data-dir da ", "train_vae.py --data-dir da --ckpt-dir ck ",
+                "train_world_model.py --data-dir da --ckpt-dir ck ", "train_ppo.py --ckpt-dir ck ",
+                "evaluate.py --ckpt-dir ck --controller ppo ", "create_video.py --ckpt-dir ck --controller ppo ",
+                "cp -n ck/vae.pt ck/dream/", "train_dream_loop.py --data-dir da/dream --ckpt-dir ck/dream ",
+                "evaluate.py --ckpt-dir ck/dream ",
+                "make_ensemble.py --members ck ck/dream --controller ppo ppo_dream --out-dir ck",
+                "evaluate.py --ckpt-dir ck --controller ensemble ",
+                "create_video.py --ckpt-dir ck --controller ensemble "]
+    found = [next((i for i, line in enumerate(lines) if piece in line), -1) for piece in expected]
+    assert -1 not in found and found == sorted(found), list(zip(expected, found))
+    assert all("--seed 3" in line for line in lines if "train_" in line and ".py" in line)
+    assert dry_run("agent") == lines
