@@ -148,7 +148,7 @@ dream-ensemble: dream
 # The default pipeline, the shipped agent (pretrained/ is this target's output for SEED=0): `make train-ppo`'s
 # real-env PPO controller and `make dream`'s dream-trained one (its loop starts from train-ppo's VAE) act together on
 # the one VAE (the mean of their actions; they fail on different tracks), each with its own world model;
-# CKPT_DIR/controller_ensemble.pt names them (DREAM_DIR inside CKPT_DIR is not copied). ~90 min here, over the 60 we
+# CKPT_DIR/controller_ensemble.pt names them (DREAM_DIR inside CKPT_DIR is not copied). ~86 min here, over the 60 we
 # aim for, but a PPO agent alone (`make train-ppo`, ~43 min) scores under 900 on one seed of two (README).
 # Run it serially (no -j): the loop needs train-ppo's VAE. `make agent` is its name until 2026-12-05.
 train: train-ppo dream
