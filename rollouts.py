@@ -9,6 +9,7 @@ an episode file is one decision.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -329,16 +330,12 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
 
     With PROGRESS_FILE each finished episode is recorded there (atomically), and a re-run of the same
     evaluation (same agent files and settings) plays only the tracks it lacks: a kill loses one episode per
-    worker, not the evaluation. The file is removed when the evaluation is complete."""
+    worker, not the evaluation. The file is removed when the evaluation is complete. The result holds the
+    evaluation's identity (evaluation_identity), so that evaluate.py can tell a finished one from another."""
     load_agent(Path(ckpt_dir), controller)  # one clear error before any worker starts
     start = time.perf_counter()
-    identity, done = None, []
-    if progress_file:  # (hashing the agent's files is only needed to match a progress file)
-        identity = {"controller": controller, "seed": seed, "episodes": episodes, "max_steps": max_steps,
-                    "backend": backend, "noise": noise, "device": device,
-                    "files": {path.relative_to(ckpt_dir).as_posix(): file_sha256(path)
-                              for path in agent_files_of(ckpt_dir, controller)}}
-        done = _finished_episodes(progress_file, identity)
+    identity = evaluation_identity(ckpt_dir, controller, episodes, seed, max_steps, backend, noise, device)
+    done = _finished_episodes(progress_file, identity) if progress_file else []
 
     def record(summaries: list[dict]) -> None:
         atomic_write(progress_file, lambda f: f.write(json.dumps({"identity": identity,
@@ -358,7 +355,22 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
             "returns": returns, "controller": controller, "ckpt_dir": str(ckpt_dir), "env_backend": backend,
             "max_steps": max_steps, "noise": noise, "device": device,
             "frames": int(sum(s["frames"] for s in summaries)),
-            "wall_seconds": round(time.perf_counter() - start, 1)}
+            "wall_seconds": round(time.perf_counter() - start, 1), "identity": identity}
+
+
+def evaluation_identity(ckpt_dir: Path, controller: str, episodes: int, seed: int, max_steps: int, backend: str,
+                        noise: float, device: str) -> dict:
+    """What makes two evaluations the same one, and so give the same returns: the settings, the agent's files
+    (sha256, by their path in CKPT_DIR) and the code that plays them (sha256 of this repo's modules: any change of
+    code is taken to change the returns). The workers and the Ray cluster are not part of it."""
+    code = hashlib.sha256()
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(module.name.encode() + b"\0" + module.read_bytes())
+    return {"controller": controller, "seed": seed, "episodes": episodes, "max_steps": max_steps,
+            "backend": backend, "noise": noise, "device": device,
+            "files": {path.relative_to(ckpt_dir).as_posix(): file_sha256(path)
+                      for path in agent_files_of(ckpt_dir, controller)},
+            "code": code.hexdigest()}
 
 
 def _finished_episodes(progress_file: Path, identity: dict) -> list[dict]:

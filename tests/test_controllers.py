@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import cma
 import numpy as np
@@ -339,6 +340,45 @@ def test_evaluate_writes_the_contract_json_and_repeats_itself(tmp_path):
     assert first["env_id"] == "CarRacing-v3" and first["episodes"] == 3 and first["seed"] == 7
     assert len(first["returns"]) == 3 and first["min"] <= first["mean"] <= first["max"]
     assert first["returns"] == results[1]["returns"], "the same seeds give the same returns"
+
+
+def test_a_finished_evaluation_is_not_played_again(tmp_path, capsys, monkeypatch):
+    """evaluate.py re-run on an OUT that holds the same evaluation (settings, agent files, code) prints its score and
+    plays nothing (a resumed `make train` skips its finished evaluations); --again, another controller file, another
+    setting or another code plays the tracks anew."""
+    import evaluate
+    import rollouts
+
+    ckpt, out = make_checkpoint_dir(tmp_path), tmp_path / "eval.json"
+    save_linear_controller(ckpt, seed=3)
+    played, play = [], rollouts.evaluate_agent
+    monkeypatch.setattr(evaluate, "evaluate_agent", lambda *a, **k: played.append(a) or play(*a, **k))
+
+    def run(**changes) -> dict:
+        evaluate.main(evaluate.Args(**{"ckpt_dir": ckpt, "controller": "cmaes", "episodes": 2, "seed": 7,
+                                       "workers": 1, "max_steps": 30, "out": out} | changes))
+        return json.loads(out.read_text())
+
+    first = run()
+    assert len(played) == 1 and first["identity"]["files"].keys() == {"vae.pt", "world_model.pt", "controller_cmaes.pt"}
+    assert run() == first and len(played) == 1 and "already in" in capsys.readouterr().out
+    assert run(again=True)["returns"] == first["returns"] and len(played) == 2, "--again plays the same tracks anew"
+    assert run(max_steps=31)["identity"]["max_steps"] == 31 and len(played) == 3
+    run()
+    save_linear_controller(ckpt, seed=4)  # another controller in the same file
+    changed = run()["identity"]["files"]
+    assert changed["controller_cmaes.pt"] != first["identity"]["files"]["controller_cmaes.pt"] and len(played) == 5
+    code = tmp_path / "code"  # the same files in another copy of the repo, one module changed
+    code.mkdir()
+    for module in Path(rollouts.__file__).parent.glob("*.py"):
+        shutil.copy(module, code)
+    before = rollouts.evaluation_identity(ckpt, "cmaes", 2, 7, 30, "fast", 0.0, "cpu")
+    monkeypatch.setattr(rollouts, "__file__", str(code / "rollouts.py"))
+    assert rollouts.evaluation_identity(ckpt, "cmaes", 2, 7, 30, "fast", 0.0, "cpu") == before
+    (code / "envs.py").write_text((code / "envs.py").read_text() + "\n# changed\n")
+    assert rollouts.evaluation_identity(ckpt, "cmaes", 2, 7, 30, "fast", 0.0, "cpu")["code"] != before["code"]
+    out.write_text("{damaged")
+    assert run()["returns"] and len(played) == 6
 
 
 def test_damaged_or_mismatched_agents_are_one_clear_error(tmp_path):
