@@ -330,12 +330,15 @@ def evaluate_agent(ckpt_dir: Path, controller: str, episodes: int = 100, seed: i
 
     With PROGRESS_FILE each finished episode is recorded there (atomically), and a re-run of the same
     evaluation (same agent files and settings) plays only the tracks it lacks: a kill loses one episode per
-    worker, not the evaluation. The file is removed when the evaluation is complete. The result holds the
-    evaluation's identity (evaluation_identity), so that evaluate.py can tell a finished one from another."""
+    worker, not the evaluation. The file is removed when the evaluation is complete. With PROGRESS_FILE the result
+    also holds the evaluation's identity (evaluation_identity), so that evaluate.py can tell a finished one from
+    another (None without)."""
     load_agent(Path(ckpt_dir), controller)  # one clear error before any worker starts
     start = time.perf_counter()
-    identity = evaluation_identity(ckpt_dir, controller, episodes, seed, max_steps, backend, noise, device)
-    done = _finished_episodes(progress_file, identity) if progress_file else []
+    identity, done = None, []
+    if progress_file:  # (hashing the agent's files and the code is only needed to match a progress file or a result)
+        identity = evaluation_identity(ckpt_dir, controller, episodes, seed, max_steps, backend, noise, device)
+        done = _finished_episodes(progress_file, identity)
 
     def record(summaries: list[dict]) -> None:
         atomic_write(progress_file, lambda f: f.write(json.dumps({"identity": identity,
